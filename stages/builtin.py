@@ -1,0 +1,197 @@
+"""The four built-in stages of the DALL·E Mini pipeline, registered as entry points.
+
+text processor -> BART sampler -> VQGAN decoder -> CLIP ranker. Each wraps one
+model module; the pipeline config names its checkpoint and options.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .base import IMAGE, IMAGE_TOKENS, PROMPT, PROMPT_TOKENS, SAMPLING, SCORE, Stage, StageContext
+
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take; the message is meant for the user."""
+
+
+def _jnp_dtype(name: str):
+    import jax.numpy as jnp
+
+    try:
+        return getattr(jnp, DTYPE_NAMES[name])
+    except KeyError:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {name!r}") from None
+
+
+def _buckets(n: int, largest: int) -> list[tuple[int, int]]:
+    """Split n items into chunks of at most `largest`, each padded to a power of two: [(count, padded)]."""
+    out = []
+    while n > 0:
+        count = min(n, largest)
+        out.append((count, 1 << (count - 1).bit_length()))
+        n -= count
+    return out
+
+
+class TextProcessorStage(Stage):
+    """Normalises the prompt as DALL·E Mini did in training and tokenises it (+ the empty prompt)."""
+
+    kind = "text"
+    consumes = (PROMPT,)
+    produces = (PROMPT_TOKENS,)
+
+    def initialize(self, context: StageContext) -> None:
+        from .text import DalleBartTextProcessor
+
+        self.checkpoint = context.resolve(self.options["checkpoint"])
+        wff = self.options.get("word_frequency_file")
+        self.processor = DalleBartTextProcessor.from_pretrained(
+            self.checkpoint, word_frequency_file=context.resolve(wff) if wff else None)
+        self.max_prompt_chars = int(self.options.get("max_prompt_chars", 1000))
+        self.max_prompt_tokens = int(self.processor.max_text_length)
+
+    def encode(self, prompt: str):
+        from .sampler import PromptTokens
+
+        if not prompt or not prompt.strip():
+            raise PromptError("prompt is empty; describe the image you want")
+        if len(prompt) > self.max_prompt_chars:
+            raise PromptError(f"prompt is {len(prompt)} characters; the limit is {self.max_prompt_chars}")
+        count = self.processor.token_count(prompt)
+        if count > self.max_prompt_tokens:
+            raise PromptError(
+                f"prompt is {count} tokens after normalisation; the model reads at most {self.max_prompt_tokens} "
+                f"tokens (including the 2 start/end tokens): shorten it")
+        enc = self.processor([prompt])
+        return PromptTokens(enc["input_ids"][0], enc["attention_mask"][0],
+                            enc["input_ids_uncond"][0], enc["attention_mask_uncond"][0])
+
+    def execute(self, batch):
+        for item in batch:
+            item[PROMPT_TOKENS] = self.encode(item[PROMPT])
+        return batch
+
+    def describe(self):
+        return {**super().describe(), "checkpoint": self.checkpoint, "max_prompt_tokens": self.max_prompt_tokens,
+                "max_prompt_chars": self.max_prompt_chars}
+
+
+class BartSamplerStage(Stage):
+    """DalleBart encoder once, then 256 image tokens sampled with super conditioning (see sampler.py).
+
+    The server drives `self.engine` directly (continuous batching); `execute` runs
+    a whole batch to completion for in-process use and benchmarks.
+    """
+
+    kind = "sampler"
+    consumes = (PROMPT_TOKENS, SAMPLING)
+    produces = (IMAGE_TOKENS,)
+
+    def initialize(self, context: StageContext) -> None:
+        from .models.dallebart import DalleBart
+        from .sampler import SamplerEngine
+
+        self.checkpoint = context.resolve(self.options["checkpoint"])
+        self.dtype = DTYPE_NAMES[self.options.get("dtype", context.dtype)]
+        self.model = DalleBart.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
+        self.engine = SamplerEngine(self.model, context.devices, num_slots=int(self.options.get("num_slots", 8)),
+                                    chunk_steps=int(self.options.get("chunk_steps", 16)))
+
+    def execute(self, batch):
+        for start in range(0, len(batch), self.engine.num_slots):
+            group = batch[start:start + self.engine.num_slots]
+            final = {}
+            for progress in self.engine.run([it[PROMPT_TOKENS] for it in group], [it[SAMPLING] for it in group]):
+                final.update({p.slot: p.tokens for p in progress})
+            for item, slot in zip(group, sorted(final)):
+                item[IMAGE_TOKENS] = final[slot]
+        return batch
+
+    def describe(self):
+        c = self.model.config
+        return {**super().describe(), "checkpoint": self.checkpoint, "dtype": self.dtype,
+                "num_slots": self.engine.num_slots, "chunk_steps": self.engine.chunk_steps,
+                "d_model": c.d_model, "layers": [c.encoder_layers, c.decoder_layers],
+                "image_length": c.image_length, "max_text_length": c.max_text_length}
+
+
+class VQGANDecoderStage(Stage):
+    """Image tokens (a square grid of codebook indices) -> RGB images."""
+
+    kind = "image_decoder"
+    consumes = (IMAGE_TOKENS,)
+    produces = (IMAGE,)
+
+    def initialize(self, context: StageContext) -> None:
+        from .models.vqgan import VQGAN
+
+        self.checkpoint = context.resolve(self.options["checkpoint"])
+        self.dtype = DTYPE_NAMES[self.options.get("dtype", context.dtype)]
+        self.batch_size = int(self.options.get("batch_size", 8))
+        self.vqgan = VQGAN.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
+        self.vqgan.params = context.devices.place_params(self.vqgan.params)
+        self.devices = context.devices
+        self.codebook_size = int(self.vqgan.config.n_embed)
+
+    def decode(self, tokens: np.ndarray) -> list[Image.Image]:
+        # The sampler may emit ids past the codebook (the decoder-start id, EOS padding on a
+        # row that stopped early); they are clamped as the original's gather did.
+        tokens = np.clip(np.asarray(tokens, np.int32), 0, self.codebook_size - 1)
+        images: list[Image.Image] = []
+        done = 0
+        for count, padded in _buckets(len(tokens), self.batch_size):
+            chunk = tokens[done:done + count]
+            padded_rows = self.devices.round_batch(padded)
+            chunk = np.concatenate([chunk, np.repeat(chunk[:1], padded_rows - count, axis=0)])
+            pixels = np.asarray(self.vqgan.decode_images(self.devices.place_batch(chunk)))
+            images.extend(Image.fromarray(p) for p in pixels[:count])
+            done += count
+        return images
+
+    def execute(self, batch):
+        for item, image in zip(batch, self.decode(np.stack([it[IMAGE_TOKENS] for it in batch]))):
+            item[IMAGE] = image
+        return batch
+
+    def describe(self):
+        c = self.vqgan.config
+        return {**super().describe(), "checkpoint": self.checkpoint, "dtype": self.dtype,
+                "codebook_size": self.codebook_size, "resolution": c.resolution}
+
+
+class CLIPRankerStage(Stage):
+    """Scores each image against its prompt with CLIP (scaled cosine similarity; higher is better)."""
+
+    kind = "ranker"
+    consumes = (PROMPT, IMAGE)
+    produces = (SCORE,)
+
+    def initialize(self, context: StageContext) -> None:
+        from .ranker import CLIPScorer
+
+        self.checkpoint = context.resolve(self.options["checkpoint"])
+        self.dtype = DTYPE_NAMES[self.options.get("dtype", context.dtype)]
+        self.scorer = CLIPScorer.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
+        self.scorer.model.params = context.devices.place_params(self.scorer.model.params)
+
+    def score(self, prompt: str, images: list[Image.Image]) -> list[float]:
+        return [float(s) for s in self.scorer.score(prompt, images)]
+
+    def execute(self, batch):
+        by_prompt: dict[str, list[dict[str, Any]]] = {}
+        for item in batch:
+            by_prompt.setdefault(item[PROMPT], []).append(item)
+        for prompt, items in by_prompt.items():
+            for item, s in zip(items, self.score(prompt, [it[IMAGE] for it in items])):
+                item[SCORE] = s
+        return batch
+
+    def describe(self):
+        return {**super().describe(), "checkpoint": self.checkpoint, "dtype": self.dtype}

@@ -1,0 +1,193 @@
+"""A pipeline: stages assembled from a TOML config, sharing one device state.
+
+    [pipeline]
+    dtype = "float32"            # compute dtype for every stage unless a stage says otherwise
+    max_images_per_request = 16
+
+    [[stages]]                   # in execution order
+    name = "text"
+    type = "text"                # entry point in group palette.stages, or "module:Class"
+    checkpoint = "dallebart"     # relative to this file, absolute, or a hub id
+
+    [[stages]]
+    name = "sampler"
+    type = "bart_sampler"
+    checkpoint = "dallebart"
+    num_slots = 8                # rows decoded together (continuous batching)
+    chunk_steps = 16             # tokens per engine step (cancellation and preview granularity)
+    ...
+
+The wiring is checked when the pipeline is built: every value a stage consumes
+must be a pipeline input or produced by an earlier stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .base import (IMAGE, IMAGE_TOKENS, PIPELINE_INPUTS, PROMPT, PROMPT_TOKENS, SAMPLING, SCORE, Stage,
+                   StageContext, StageError, find_stage_class)
+from .builtin import PromptError
+from .devices import DeviceState
+from .sampler import PromptTokens, SamplerEngine, SamplingParams, SlotProgress
+
+__all__ = ["Pipeline", "Limits", "PromptError", "PromptTokens", "SamplingParams", "SlotProgress", "SamplerEngine",
+           "default_config_path", "StageError"]
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_config_path() -> Path:
+    """The embedded default model set (PALETTE_MODELS_DIR overrides the folder)."""
+    root = Path(os.environ.get("PALETTE_MODELS_DIR", REPO_ROOT / "models" / "default"))
+    return root / "pipeline.toml"
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int
+    max_prompt_tokens: int
+    max_images_per_request: int
+    num_slots: int
+    image_length: int
+    image_size: tuple[int, int]  # (height, width)
+
+
+class Pipeline:
+    def __init__(self, stages: Sequence[Stage], devices: DeviceState, settings: dict[str, Any],
+                 config_path: Path | None = None):
+        self.stages = list(stages)
+        self.devices = devices
+        self.settings = settings
+        self.config_path = config_path
+        self._check_wiring()
+        self.text = self._one(lambda s: PROMPT_TOKENS in s.produces, "a text stage (produces prompt_tokens)")
+        sampler_stage = self._one(lambda s: IMAGE_TOKENS in s.produces, "a sampler stage (produces image_tokens)")
+        self.sampler: SamplerEngine = sampler_stage.engine
+        self.decoder = self._one(lambda s: IMAGE in s.produces and IMAGE_TOKENS in s.consumes,
+                                 "an image decoder (image_tokens -> image)")
+        self.image_stages = [s for s in self.stages if s.consumes == (IMAGE,) and s.produces == (IMAGE,)]
+        rankers = [s for s in self.stages if SCORE in s.produces]
+        self.ranker = rankers[0] if rankers else None
+        side = int(round(self.sampler.image_length ** 0.5))
+        probe = self.decoder.decode(np.zeros((1, self.sampler.image_length), np.int32))[0]
+        self.limits = Limits(
+            max_prompt_chars=self.text.max_prompt_chars,
+            max_prompt_tokens=self.text.max_prompt_tokens,
+            max_images_per_request=int(settings.get("max_images_per_request", 16)),
+            num_slots=self.sampler.num_slots,
+            image_length=self.sampler.image_length,
+            image_size=(probe.height, probe.width),
+        )
+        if side * side != self.sampler.image_length:
+            raise StageError(f"image_length {self.sampler.image_length} is not a square grid")
+
+    # -- building -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, config_path: str | os.PathLike | None = None, devices: DeviceState | None = None,
+             **overrides: Any) -> "Pipeline":
+        """Build from a TOML file (None: the embedded default). `overrides` replace options of every
+        stage that has them (e.g. num_slots=4, chunk_steps=8) and [pipeline] settings."""
+        path = Path(config_path) if config_path else default_config_path()
+        if not path.is_file():
+            raise StageError(f"pipeline config {path} not found")
+        with open(path, "rb") as f:
+            try:
+                raw = tomllib.load(f)
+            except tomllib.TOMLDecodeError as err:
+                raise StageError(f"pipeline config {path} is not valid TOML: {err}") from err
+        settings = dict(raw.get("pipeline", {}))
+        settings.update({k: v for k, v in overrides.items() if k in settings or k == "max_images_per_request"})
+        specs = raw.get("stages", [])
+        if not specs:
+            raise StageError(f"pipeline config {path} has no [[stages]]")
+        devices = devices or DeviceState.create()
+        context = StageContext(devices=devices, base_dir=path.parent, dtype=settings.get("dtype", "float32"))
+        stages = []
+        for spec in specs:
+            spec = dict(spec)
+            try:
+                name, type_name = spec.pop("name"), spec.pop("type")
+            except KeyError as err:
+                raise StageError(f"a stage in {path} lacks {err.args[0]!r}") from None
+            for key, value in overrides.items():
+                if key in spec or key in ("num_slots", "chunk_steps") and type_name == "bart_sampler":
+                    spec[key] = value
+            stage = find_stage_class(type_name)(name, spec)
+            log.info("initialising stage %s (%s)", name, type_name)
+            stage.initialize(context)
+            stages.append(stage)
+        return cls(stages, devices, settings, config_path=path)
+
+    def _check_wiring(self) -> None:
+        available = set(PIPELINE_INPUTS)
+        for stage in self.stages:
+            missing = [name for name in stage.consumes if name not in available]
+            if missing:
+                raise StageError(f"stage {stage.name!r} consumes {missing}, which no earlier stage produces "
+                                 f"(available: {sorted(available)})")
+            available.update(stage.produces)
+
+    def _one(self, predicate, what: str) -> Any:
+        found = [s for s in self.stages if predicate(s)]
+        if len(found) != 1:
+            raise StageError(f"a pipeline needs exactly one {what}; found {[s.name for s in found]}")
+        return found[0]
+
+    # -- what the server calls ----------------------------------------------------------------
+
+    @property
+    def has_ranker(self) -> bool:
+        return self.ranker is not None
+
+    def encode_prompt(self, prompt: str) -> PromptTokens:
+        return self.text.encode(prompt)
+
+    def decode(self, tokens: np.ndarray) -> list[Image.Image]:
+        """[N, image_length] image tokens -> N images (VQGAN, then every image -> image stage)."""
+        images = self.decoder.decode(np.asarray(tokens))
+        for stage in self.image_stages:
+            items = stage.execute([{IMAGE: im} for im in images])
+            images = [item[IMAGE] for item in items]
+        return images
+
+    def preview(self, tokens: np.ndarray, steps_done: int) -> Image.Image:
+        """A partial grid as an image: positions not sampled yet repeat the last sampled token."""
+        tokens = np.array(tokens, np.int32)
+        if 0 < steps_done < len(tokens):
+            tokens[steps_done:] = tokens[steps_done - 1]
+        return self.decode(tokens[None])[0]
+
+    def rank(self, prompt: str, images: list[Image.Image]) -> list[float]:
+        if self.ranker is None:
+            raise StageError("this pipeline has no ranker stage")
+        return self.ranker.score(prompt, images)
+
+    def run(self, prompt: str, params: Sequence[SamplingParams], rank: bool = False) -> list[dict[str, Any]]:
+        """The whole pipeline in process, one image per params entry: items with image (and score)."""
+        items = [{PROMPT: prompt, SAMPLING: p} for p in params]
+        for stage in self.stages:
+            if stage is self.ranker and not rank:
+                continue
+            items = stage.execute(items)
+        return items
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "config": str(self.config_path) if self.config_path else None,
+            "stages": [s.describe() for s in self.stages],
+            **self.devices.describe(),
+            "limits": dataclasses.asdict(self.limits),
+            "settings": self.settings,
+        }

@@ -1,0 +1,140 @@
+"""The model set Palette ships as its default: sizes, tokenizers and the pipeline config.
+
+One folder per network, each in the released format, plus `pipeline.toml`:
+
+    models/default/
+      pipeline.toml
+      dallebart/   config.json flax_model.msgpack + BART tokenizer files
+      vqgan/       config.json flax_model.msgpack
+      clip/        config.json flax_model.msgpack + CLIP tokenizer files + preprocessor_config.json
+
+The sizes are chosen for a 2-core CPU: 64×64 images from an 8×8 grid of codes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from palette.stages.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from palette.stages.models.dallebart import DalleBart, DalleBartConfig
+from palette.stages.models.vqgan import VQGAN, VQGANConfig
+from palette.stages.text import WORD_FREQUENCY_FILENAME
+
+from .tokenizers import train_bart_tokenizer, train_clip_tokenizer
+
+IMAGE_SIZE = 64
+CODEBOOK_SIZE = 256
+GRID = 8  # VQGAN f8: 64×64 image <-> 8×8 codes
+TEXT_VOCAB = 512
+MAX_TEXT_LENGTH = 32
+
+
+def vqgan_config() -> VQGANConfig:
+    return VQGANConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(GRID,),
+                       resolution=IMAGE_SIZE, z_channels=64, embed_dim=32, n_embed=CODEBOOK_SIZE)
+
+
+def dallebart_config(encoder_vocab_size: int) -> DalleBartConfig:
+    return DalleBartConfig(
+        encoder_vocab_size=encoder_vocab_size, image_vocab_size=CODEBOOK_SIZE, image_length=GRID * GRID,
+        max_text_length=MAX_TEXT_LENGTH, d_model=128, encoder_layers=2, decoder_layers=3,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
+        ln_positions="normformer", use_glu=True, use_bias=False, use_scan=True,
+        decoder_start_token_id=CODEBOOK_SIZE, bos_token_id=CODEBOOK_SIZE + 1, eos_token_id=CODEBOOK_SIZE + 1,
+        pad_token_id=CODEBOOK_SIZE + 1,
+    )
+
+
+def clip_config(vocab_size: int) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128,
+                                   num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TEXT_LENGTH),
+        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, image_size=IMAGE_SIZE, patch_size=8),
+        projection_dim=64,
+    )
+
+
+def write_tokenizers(out: Path, captions: Iterable[str]) -> tuple[int, int]:
+    """Train both tokenizers on the captions; returns (bart vocab size, clip vocab size)."""
+    captions = list(captions)
+    write_word_frequencies(out / "dallebart", captions)
+    bart_dir = train_bart_tokenizer(captions, out / "dallebart", vocab_size=TEXT_VOCAB,
+                                    model_max_length=MAX_TEXT_LENGTH)
+    clip_dir = train_clip_tokenizer(captions, out / "clip", vocab_size=TEXT_VOCAB, model_max_length=MAX_TEXT_LENGTH)
+    bart_vocab = len(json.loads((bart_dir / "vocab.json").read_text()))
+    clip_vocab = len(json.loads((clip_dir / "vocab.json").read_text()))
+    return bart_vocab, clip_vocab
+
+
+def write_word_frequencies(folder: Path, captions: Iterable[str]) -> Path:
+    """The text normaliser's hashtag splitter reads word costs from this file, most frequent word first."""
+    counts = Counter(word for caption in captions for word in re.findall(r"[a-z]+", caption.lower()))
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / WORD_FREQUENCY_FILENAME
+    path.write_text("".join(f"{word} {n}\n" for word, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))))
+    return path
+
+
+def write_clip_preprocessor(out: Path) -> None:
+    (out / "clip" / "preprocessor_config.json").write_text(json.dumps({
+        "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "CLIPImageProcessor", "resample": 3, "rescale_factor": 1 / 255,
+        "size": {"shortest_edge": IMAGE_SIZE},
+    }, indent=2) + "\n")
+
+
+PIPELINE_TOML = """\
+# Palette's embedded default model set: {description}
+[pipeline]
+dtype = "float32"
+max_images_per_request = 16
+
+[[stages]]
+name = "text"
+type = "text"
+checkpoint = "dallebart"
+max_prompt_chars = 500
+
+[[stages]]
+name = "sampler"
+type = "bart_sampler"
+checkpoint = "dallebart"
+num_slots = 8
+chunk_steps = 16
+
+[[stages]]
+name = "vqgan"
+type = "vqgan_decoder"
+checkpoint = "vqgan"
+batch_size = 8
+
+[[stages]]
+name = "clip"
+type = "clip_ranker"
+checkpoint = "clip"
+"""
+
+
+def write_pipeline_config(out: Path, description: str) -> Path:
+    path = out / "pipeline.toml"
+    path.write_text(PIPELINE_TOML.format(description=description))
+    return path
+
+
+def write_random_set(out: str | Path, captions: Iterable[str], seed: int = 0) -> Path:
+    """A complete, loadable model set with random weights (for tests and before training)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    bart_vocab, clip_vocab = write_tokenizers(out, captions)
+    DalleBart.init_random(dallebart_config(bart_vocab), seed).save_pretrained(out / "dallebart")
+    VQGAN.init_random(vqgan_config(), seed).save_pretrained(out / "vqgan")
+    CLIP.init_random(clip_config(clip_vocab), seed).save_pretrained(out / "clip")
+    write_clip_preprocessor(out)
+    return write_pipeline_config(out, "randomly initialised weights (not trained)")
