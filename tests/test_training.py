@@ -1,0 +1,248 @@
+"""Training code: the loop (determinism, resume), each trainer on a tiny config (the loss goes down,
+the released-format folder round-trips through the loaders), the evaluation helpers and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from palette.stages.models import dallebart as DB
+from palette.stages.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from palette.stages.models.vqgan import VQGAN, VQGANConfig
+from palette.training import evaluate as E
+from palette.training import model_set as M
+from palette.training import shapes as S
+from palette.training import train as T
+from palette.training.cli import build_parser
+
+SIDE = 16
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / T.METRICS_FILE).read_text().splitlines()]
+
+
+def _leaves_equal(a, b) -> bool:
+    la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return T.make_pool(0, 64, size=SIDE)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory, pool):
+    out = tmp_path_factory.mktemp("set")
+    bart_vocab, clip_vocab = M.write_tokenizers(out, T.tokenizer_corpus(0, n=200))
+    M.write_clip_preprocessor(out)
+    # The tiny CLIP below works at SIDE pixels.
+    pre = json.loads((out / "clip" / "preprocessor_config.json").read_text())
+    pre["crop_size"] = {"height": SIDE, "width": SIDE}
+    pre["size"] = {"shortest_edge": SIDE}
+    (out / "clip" / "preprocessor_config.json").write_text(json.dumps(pre))
+    return out, bart_vocab, clip_vocab
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _regression(seed: int):
+    """A tiny least-squares problem whose batches come from the loop's seeded batch generator."""
+    w_true = np.arange(4, dtype=np.float32)
+
+    def make_batch(step):
+        rng = T.batch_rng(seed, step)
+        x = rng.normal(size=(8, 4)).astype(np.float32)
+        return jnp.asarray(x), jnp.asarray(x @ w_true)
+
+    def loss_fn(params, x, y):
+        return jnp.mean((x @ params["w"] - y) ** 2), {}
+
+    return {"w": jnp.zeros(4)}, loss_fn, make_batch
+
+
+def test_loop_lowers_loss_and_writes_metrics(tmp_path):
+    params, loss_fn, make_batch = _regression(0)
+    cfg = T.LoopConfig(steps=60, lr=0.3, warmup=5, log_every=1, checkpoint_every=20, progress=False)
+    state = T.run_loop("toy", tmp_path, params, loss_fn, make_batch, cfg)
+    losses = _losses(tmp_path)
+    assert state.step == 60 and len(losses) == 60
+    assert losses[-1] < 0.05 * losses[0]
+    record = json.loads((tmp_path / T.METRICS_FILE).read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "samples_per_s", "grad_norm"} <= set(record)
+
+
+def test_loop_is_deterministic_given_the_seed(tmp_path):
+    params, loss_fn, make_batch = _regression(1)
+    cfg = T.LoopConfig(steps=15, lr=0.05, warmup=5, progress=False)
+    a = T.run_loop("toy", tmp_path / "a", params, loss_fn, make_batch, cfg)
+    b = T.run_loop("toy", tmp_path / "b", params, loss_fn, make_batch, cfg)
+    assert _leaves_equal(a.params, b.params)
+
+
+def test_resume_continues_at_the_saved_step(tmp_path):
+    params, loss_fn, make_batch = _regression(2)
+    cfg = dict(lr=0.05, warmup=5, checkpoint_every=5, progress=False, log_every=1)
+    whole = T.run_loop("toy", tmp_path / "whole", params, loss_fn, make_batch, T.LoopConfig(steps=20, **cfg))
+    # Simulate a crash after step 10: run 20 steps but keep only the step-10 checkpoint.
+    calls = []
+
+    def crashing_batch(step):
+        calls.append(step)
+        if step == 12:
+            raise KeyboardInterrupt
+        return make_batch(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        T.run_loop("toy", tmp_path / "crash", params, loss_fn, crashing_batch, T.LoopConfig(steps=20, **cfg))
+    saved = T.load_checkpoint(tmp_path / "crash", T.TrainState(params, T.make_optimizer(T.LoopConfig()).init(params)))
+    assert saved.step == 10 and saved.total_steps == 20
+    calls.clear()
+
+    def recording_batch(step):
+        calls.append(step)
+        return make_batch(step)
+
+    resumed = T.run_loop("toy", tmp_path / "crash", params, loss_fn, recording_batch, T.LoopConfig(steps=20, **cfg))
+    assert calls[0] == 10 and resumed.step == 20
+    # Same batches, same updates: the resumed run ends where the uninterrupted one ends.
+    np.testing.assert_allclose(np.asarray(resumed.params["w"]), np.asarray(whole.params["w"]), rtol=1e-6)
+
+
+def test_learning_rate_schedule():
+    cfg = T.LoopConfig(lr=1.0, warmup=10, final_lr_fraction=0.1)
+    assert T.learning_rate(0, 100, cfg) == pytest.approx(0.1)
+    assert T.learning_rate(9, 100, cfg) == pytest.approx(1.0)
+    assert T.learning_rate(100, 100, cfg) == pytest.approx(0.1)
+    assert T.learning_rate(55, 100, cfg) == pytest.approx(0.55)
+
+
+# ----------------------------------------------------------------------------- the trainers
+
+
+def tiny_vqgan_config() -> VQGANConfig:
+    return VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=SIDE,
+                       z_channels=8, embed_dim=4, n_embed=16)
+
+
+def test_vqgan_trainer_lowers_loss_and_round_trips(tmp_path, pool):
+    loop = T.LoopConfig(steps=30, batch_size=8, lr=2e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
+    # crop=SIDE: whole images only, one compiled shape (crops are exercised by the default training).
+    vq = T.train_vqgan(tmp_path / "set", tmp_path / "run", pool, loop, tiny_vqgan_config(), crop=SIDE, restart_every=10)
+    losses = _losses(tmp_path / "run")
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    loaded = VQGAN.from_pretrained(tmp_path / "set" / "vqgan")
+    assert loaded.config == vq.config and _leaves_equal(loaded.params, vq.params)
+    images = jnp.asarray(pool.images[:4], jnp.float32) / 255.0
+    np.testing.assert_array_equal(np.asarray(loaded.encode(images)[1]), np.asarray(vq.encode(images)[1]))
+    assert T.is_done(tmp_path / "run")
+
+
+def tiny_dallebart_config(vocab: int) -> DB.DalleBartConfig:
+    return DB.DalleBartConfig(
+        encoder_vocab_size=vocab, image_vocab_size=16, image_length=16, max_text_length=M.MAX_TEXT_LENGTH,
+        d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, decoder_start_token_id=16, bos_token_id=17, eos_token_id=17,
+        pad_token_id=17,
+    )
+
+
+def test_dallebart_trainer_lowers_loss_and_round_trips(tmp_path, pool, tokenizers):
+    out, bart_vocab, _ = tokenizers
+    # Codes that depend on the scene (colour of the first object), so there is something to learn.
+    colour = np.asarray([S.COLOUR_NAMES.index(s.objects[0].colour) for s in pool.scenes])
+    codes = (colour[:, None] * 2 + (np.arange(16)[None] % 2)).astype(np.int32)
+    loop = T.LoopConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
+    model = T.train_dallebart(out, tmp_path / "run", pool, codes, loop, tiny_dallebart_config(bart_vocab))
+    losses = _losses(tmp_path / "run")
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])
+    loaded = DB.DalleBart.from_pretrained(out / "dallebart")
+    assert loaded.config == model.config and _leaves_equal(loaded.params, model.params)
+
+
+def tiny_clip_config(vocab: int) -> CLIPConfig:
+    return CLIPConfig(
+        text_config=CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=2, max_position_embeddings=M.MAX_TEXT_LENGTH),
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                       num_attention_heads=2, image_size=SIDE, patch_size=8),
+        projection_dim=16,
+    )
+
+
+def test_clip_trainer_lowers_loss_and_round_trips(tmp_path, pool, tokenizers):
+    out, _, clip_vocab = tokenizers
+    loop = T.LoopConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=20, progress=False)
+    clip = T.train_clip(out, tmp_path / "run", pool, loop, tiny_clip_config(clip_vocab),
+                        reconstructions=pool.images[:8])
+    losses = _losses(tmp_path / "run")
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
+    loaded = CLIP.from_pretrained(out / "clip")
+    assert _leaves_equal(loaded.params, clip.params)
+
+
+def test_clip_pixels_match_the_preprocessor(tokenizers, pool):
+    from PIL import Image
+
+    from palette.stages.clip_processing import CLIPImagePreprocessor
+
+    out, _, _ = tokenizers
+    pre = CLIPImagePreprocessor.from_pretrained(out / "clip")
+    ims = pool.images[:3]
+    np.testing.assert_allclose(T.clip_pixels(pre, ims), pre([Image.fromarray(i) for i in ims]), atol=1e-6)
+
+
+def test_pool_is_deterministic_and_excludes_heldout():
+    a, b = T.make_pool(3, 50, size=SIDE), T.make_pool(3, 50, size=SIDE)
+    assert np.array_equal(a.images, b.images) and a.scenes == b.scenes
+    assert not any(s.has_heldout for s in a.scenes)
+
+
+def test_publish_model_set_replaces_entries(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for d in (src, dst):
+        for name in ("dallebart", "vqgan", "clip"):
+            (d / name).mkdir(parents=True)
+    (src / "vqgan" / "config.json").write_text("new")
+    (dst / "vqgan" / "stale.txt").write_text("old")
+    (src / "pipeline.toml").write_text("x = 1\n")
+    (dst / "README.md").write_text("kept")
+    T.publish_model_set(src, dst)
+    assert (dst / "vqgan" / "config.json").read_text() == "new"
+    assert not (dst / "vqgan" / "stale.txt").exists()
+    assert (dst / "pipeline.toml").read_text() == "x = 1\n" and (dst / "README.md").read_text() == "kept"
+
+
+# ----------------------------------------------------------------------------- evaluation and CLI
+
+
+def test_distractor_captions_change_one_attribute():
+    rng = np.random.default_rng(0)
+    for p in S.eval_prompts("heldout", 6):
+        captions = E.distractor_captions(p.scene, rng)
+        assert len(captions) == 7 == len(set(captions))
+        assert p.prompt not in captions
+
+
+def test_markdown_table_lists_every_attribute():
+    acc = {a: 0.5 for a in E.ATTRS}
+    results = {"n": 4, "candidates": 8, **{k: {"psnr": 20.0, "retrieval": 0.25, "random": acc, "clip_top1": acc}
+                                             for k in E.KINDS}}
+    table = E.markdown_table(results)
+    for a in ("colour", "shape", "size", "position", "background", "all correct", "PSNR", "retrieval"):
+        assert a in table
+    assert "50.0 %" in table and "20.00 dB" in table
+
+
+def test_cli_parses_train_and_eval():
+    p = build_parser()
+    a = p.parse_args(["train", "default", "--out", "x", "--minutes", "5", "--seed", "3"])
+    assert (a.command, a.model, a.out, a.minutes, a.seed) == ("train", "default", "x", 5.0, 3)
+    a = p.parse_args(["eval", "--models", "m", "--n", "6"])
+    assert (a.command, a.models, a.n) == ("eval", "m", 6)

@@ -1,0 +1,114 @@
+"""Command line of the training side: `palette train ...` and `palette eval ...`.
+
+`main(argv)` takes the arguments after the program name, starting with the command:
+
+    train default  --out models/default [--minutes 50] [--seed 0] [--run-dir DIR] [--pool-size N]
+    train vqgan    --out DIR [--steps N] [--minutes M] [--seed S] [--run-dir DIR] [--pool-size N]
+    train dallebart --out DIR [...]     (needs DIR/vqgan; trains on its codes)
+    train clip     --out DIR [...]
+    eval [--models models/default] [--n 48] [--grid out/eval-grid.png] [--json out/eval.json] [--seed 0]
+
+Runnable as `python -m palette.training.cli train default --out models/default`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palette", description="Train and evaluate Palette's own model set.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train the default model set, or one of its models")
+    models = train.add_subparsers(dest="model", required=True)
+    default = models.add_parser("default", help="VQGAN, then DalleBart, then CLIP, within one time budget")
+    default.add_argument("--out", default="models/default", help="model-set folder to write (default: %(default)s)")
+    default.add_argument("--minutes", type=float, default=50.0, help="wall-time budget (default: %(default)s)")
+    default.add_argument("--seed", type=int, default=0)
+    default.add_argument("--run-dir", default=None, help="checkpoints and metrics (default: runs/train-<out name>)")
+    default.add_argument("--pool-size", type=int, default=8000, help="training images (default: %(default)s)")
+    default.add_argument("--no-progress", action="store_true")
+    for name in ("vqgan", "dallebart", "clip"):
+        one = models.add_parser(name, help=f"train only the {name} of a model set")
+        one.add_argument("--out", default="models/default")
+        one.add_argument("--steps", type=int, default=1000)
+        one.add_argument("--minutes", type=float, default=None)
+        one.add_argument("--batch-size", type=int, default=None)
+        one.add_argument("--seed", type=int, default=0)
+        one.add_argument("--run-dir", default=None)
+        one.add_argument("--pool-size", type=int, default=8000)
+        one.add_argument("--no-progress", action="store_true")
+
+    ev = sub.add_parser("eval", help="evaluation table of a model set (held-out and seen prompts)")
+    ev.add_argument("--models", default="models/default", help="model-set folder (default: %(default)s)")
+    ev.add_argument("--n", type=int, default=48, help="prompts per set (default: %(default)s)")
+    ev.add_argument("--grid", default="out/eval-grid.png", help="grid picture to write ('' for none)")
+    ev.add_argument("--json", default=None, help="write the results as JSON here")
+    ev.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _train_one(args: argparse.Namespace) -> None:
+    from . import model_set as M
+    from . import train as T
+
+    out = Path(args.out)
+    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"train-{out.name}" / args.model
+    if not (out / "dallebart" / "vocab.json").is_file() or not (out / "clip" / "vocab.json").is_file():
+        M.write_tokenizers(out, T.tokenizer_corpus(args.seed))
+    M.write_clip_preprocessor(out)
+    bart_vocab = len(json.loads((out / "dallebart" / "vocab.json").read_text()))
+    clip_vocab = len(json.loads((out / "clip" / "vocab.json").read_text()))
+    pool = T.make_pool(args.seed, args.pool_size)
+    defaults = {"vqgan": (16, 1e-3, 50), "dallebart": (32, 2e-3, 100), "clip": (128, 1e-3, 50)}[args.model]
+    loop = T.LoopConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size or defaults[0],
+                        lr=defaults[1], warmup=defaults[2], seed=args.seed, progress=not args.no_progress)
+    if args.model == "vqgan":
+        T.train_vqgan(out, run_dir, pool, loop)
+    else:
+        from palette.stages.models.vqgan import VQGAN
+
+        vq = VQGAN.from_pretrained(out / "vqgan") if (out / "vqgan" / "config.json").is_file() else None
+        if args.model == "dallebart":
+            if vq is None:
+                raise SystemExit(f"{out / 'vqgan'} is missing: train the VQGAN first")
+            T.train_dallebart(out, run_dir, pool, T.encode_pool(vq, pool.images), loop, M.dallebart_config(bart_vocab))
+        else:
+            recon = None
+            if vq is not None:
+                n = min(len(pool), 2000)
+                recon = T.decode_codes(vq, T.encode_pool(vq, pool.images[:n]))
+            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon)
+    if not (out / "pipeline.toml").is_file():
+        M.write_pipeline_config(out, f"trained by `palette train` (seed {args.seed})")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "train":
+        from . import train as T
+
+        if args.model == "default":
+            summary = T.train_default(args.out, args.minutes, seed=args.seed, run_dir=args.run_dir,
+                                      pool_size=args.pool_size, progress=not args.no_progress)
+            print(json.dumps(summary, indent=2))
+        else:
+            _train_one(args)
+        return 0
+    if args.command == "eval":
+        from .evaluate import main_eval
+
+        main_eval(args.models, args.n, args.grid or None, args.json, seed=args.seed)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

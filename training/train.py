@@ -1,0 +1,661 @@
+"""Trainers for Palette's own model set: VQGAN, then DalleBart on its codes, then CLIP.
+
+Each trainer is an optax optimiser around a jit-compiled step, driven by one
+loop (`run_loop`) that gives every model the same guarantees:
+
+* deterministic given a seed: batch `i` is drawn from `numpy.random.default_rng((seed, i))`,
+  so a run that stops and resumes sees exactly the batches an uninterrupted run sees;
+* resumable: params, optimiser state and step go to `<run_dir>/checkpoint.msgpack`
+  every `checkpoint_every` steps (atomically) and are picked up on the next start;
+* a tqdm bar with loss and throughput, and metrics appended as JSON lines to
+  `<run_dir>/metrics.jsonl`;
+* stops after `steps` steps or `minutes` of wall time, whichever comes first (with a time
+  limit, the learning-rate schedule is fitted to the number of steps the measured speed allows).
+
+The results are written in the released formats (`save_pretrained`) into the
+model-set folder laid out by `model_set`: `vqgan/`, `dallebart/`, `clip/`, `pipeline.toml`.
+`train_default(out_dir, minutes, seed)` runs all three within one time budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization
+
+from palette.stages.models import dallebart as DB
+from palette.stages.models.clip import CLIP, CLIPConfig, clip_loss
+from palette.stages.models.vqgan import VQGAN, VQGANConfig, VQModel
+
+from . import model_set as M
+from . import shapes as S
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.msgpack"
+METRICS_FILE = "metrics.jsonl"
+DONE_FILE = "done.json"
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclasses.dataclass
+class LoopConfig:
+    """How long and how fast one model trains."""
+
+    steps: int = 1000  # upper bound on optimiser steps
+    minutes: float | None = None  # wall-time limit (None: steps only)
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 50
+    final_lr_fraction: float = 0.1  # cosine decay from lr to lr * this at the last step
+    clip_norm: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+
+
+def learning_rate(step: int, total: int, cfg: LoopConfig) -> float:
+    """Linear warm-up, then cosine decay to `final_lr_fraction * lr` at step `total`."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, total - cfg.warmup)
+    t = min(1.0, (step - cfg.warmup) / span)
+    floor = cfg.final_lr_fraction
+    return cfg.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(cfg: LoopConfig) -> optax.GradientTransformation:
+    """Clipped Adam without the learning rate: the step scales the updates by -lr (given per step)."""
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.scale_by_adam(b1=0.9, b2=0.99))
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation) -> Callable:
+    """jit((params, opt_state, lr, *batch) -> (params, opt_state, metrics)) for `loss_fn(params, *batch) -> (loss, aux)`."""
+
+    def step(params, opt_state, lr, *batch):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, *batch)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = jax.tree_util.tree_map(lambda p, u: p - lr * u.astype(p.dtype), params, updates)
+        return params, opt_state, dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads))
+
+    return jax.jit(step)
+
+
+def batch_rng(seed: int, step: int, salt: int = 0) -> np.random.Generator:
+    """The generator batch `step` of a run is drawn from: a pure function of (seed, salt, step)."""
+    return np.random.default_rng((int(seed), int(salt), int(step)))
+
+
+@dataclasses.dataclass
+class TrainState:
+    params: Any
+    opt_state: Any
+    step: int = 0
+    total_steps: int = 0  # schedule length (fitted once to the time limit, then kept across resumes)
+    last_metrics: dict = dataclasses.field(default_factory=dict)
+
+
+def save_checkpoint(run_dir: str | Path, state: TrainState) -> Path:
+    """params + optimiser state + step, atomically, to `<run_dir>/checkpoint.msgpack`."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    blob = serialization.msgpack_serialize({
+        "params": serialization.to_state_dict(jax.device_get(state.params)),
+        "opt_state": serialization.to_state_dict(jax.device_get(state.opt_state)),
+        "step": int(state.step),
+        "total_steps": int(state.total_steps),
+    })
+    path = run_dir / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path, template: TrainState) -> TrainState | None:
+    """The run's checkpoint restored into the structure of `template`, or None when there is none."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    raw = serialization.msgpack_restore(path.read_bytes())
+    params = serialization.from_state_dict(template.params, raw["params"])
+    opt_state = serialization.from_state_dict(template.opt_state, raw["opt_state"])
+    to_dev = lambda t: jax.tree_util.tree_map(jnp.asarray, t)  # noqa: E731
+    return TrainState(to_dev(params), to_dev(opt_state), int(raw["step"]), int(raw["total_steps"]))
+
+
+def run_loop(
+    name: str,
+    run_dir: str | Path,
+    params: Any,
+    loss_fn: Callable,
+    make_batch: Callable[[int], tuple],
+    cfg: LoopConfig,
+    hook: Callable[[TrainState, dict], TrainState] | None = None,
+) -> TrainState:
+    """Train `params` on `loss_fn(params, *make_batch(step)) -> (loss, aux)`, resuming from `run_dir`.
+
+    `hook(state, metrics)` runs on the host after every step (metrics still on the device) and may
+    return a changed state (the VQGAN's dead-code restarts). Returns the final state, which is
+    also checkpointed.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer = make_optimizer(cfg)
+    state = TrainState(params, optimizer.init(params), 0, cfg.steps)
+    resumed = load_checkpoint(run_dir, state)
+    if resumed is not None:
+        state = resumed
+        log.info("%s: resuming at step %d of %d", name, state.step, state.total_steps)
+    train_step = make_train_step(loss_fn, optimizer)
+    metrics_path = run_dir / METRICS_FILE
+    start, start_step = time.monotonic(), state.step
+    deadline = None if cfg.minutes is None else start + 60.0 * cfg.minutes
+    probe_step = probe_t = None
+    fitted = resumed is not None or deadline is None
+    bar = None
+    if cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=state.total_steps, initial=state.step, desc=name, dynamic_ncols=True, mininterval=2.0)
+    window_t, window_n = time.monotonic(), 0
+    while state.step < state.total_steps:
+        if deadline is not None and time.monotonic() >= deadline:
+            log.info("%s: time limit reached at step %d", name, state.step)
+            break
+        batch = make_batch(state.step)
+        lr = learning_rate(state.step, state.total_steps, cfg)
+        params, opt_state, metrics = train_step(state.params, state.opt_state, jnp.float32(lr), *batch)
+        state = TrainState(params, opt_state, state.step + 1, state.total_steps, state.last_metrics)
+        if hook is not None:
+            state = hook(state, metrics)
+        window_n += 1
+        if not fitted:
+            # Fit the schedule to the steps the measured speed allows (after compilation).
+            if state.step - start_step == 5:
+                jax.block_until_ready(state.params)
+                probe_step, probe_t = state.step, time.monotonic()
+            elif probe_step is not None and state.step - probe_step >= 15:
+                jax.block_until_ready(state.params)
+                per_step = (time.monotonic() - probe_t) / (state.step - probe_step)
+                left = max(0.0, deadline - time.monotonic())
+                state.total_steps = max(state.step + 1, min(cfg.steps, state.step + int(0.97 * left / per_step)))
+                fitted = True
+                if bar is not None:
+                    bar.total = state.total_steps
+                    bar.refresh()
+                log.info("%s: %.2f s/step, schedule fitted to %d steps", name, per_step, state.total_steps)
+        if state.step % cfg.log_every == 0 or state.step == state.total_steps:
+            host = jax.device_get(metrics)
+            last = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
+            now = time.monotonic()
+            rate = window_n * cfg.batch_size / max(1e-9, now - window_t)
+            window_t, window_n = now, 0
+            state.last_metrics = last
+            record = {"model": name, "step": state.step, "total_steps": state.total_steps, "lr": round(lr, 7),
+                      "samples_per_s": round(rate, 2), "elapsed_s": round(now - start, 1),
+                      **{k: round(v, 5) for k, v in last.items()}}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if bar is not None:
+                bar.set_postfix(loss=f"{last['loss']:.4f}", ips=f"{rate:.1f}/s", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        if state.step % cfg.checkpoint_every == 0:
+            save_checkpoint(run_dir, state)
+    if bar is not None:
+        bar.close()
+    save_checkpoint(run_dir, state)
+    return state
+
+
+def _mark_done(run_dir: Path, info: dict) -> None:
+    (Path(run_dir) / DONE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def is_done(run_dir: str | Path) -> bool:
+    return (Path(run_dir) / DONE_FILE).is_file()
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclasses.dataclass
+class Pool:
+    """A fixed pool of training samples: images and their scenes (captions are drawn per step)."""
+
+    images: np.ndarray  # uint8 [N, H, W, 3]
+    scenes: list
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+
+def make_pool(seed: int, n: int, size: int = M.IMAGE_SIZE) -> Pool:
+    """The first `n` samples of the seeded stream (held-out colour x shape pairs never appear)."""
+    images, _, scenes = S.batch(int(seed), int(n), size=size)
+    return Pool(images, scenes)
+
+
+def sample_captions(scenes, rng: np.random.Generator, full_prob: float = 0.25) -> list[str]:
+    """A caption per scene in a random phrasing (the canonical full one with probability `full_prob`)."""
+    return [S.caption(s, rng, full=bool(rng.random() < full_prob)) for s in scenes]
+
+
+def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
+    """Captions the tokenizers and the word-frequency file are built from.
+
+    Text only: every colour and shape word is in the training captions anyway, so including
+    the held-out pairs here leaks no image of them; it only lets BPE merge whole phrases.
+    """
+    rng = np.random.default_rng((int(seed), 99))
+    scenes = [S.sample_scene(rng, exclude_heldout=False) for _ in range(n)]
+    return [S.caption(s, rng, full=bool(i % 4 == 0)) for i, s in enumerate(scenes)] + S.caption_words()
+
+
+# --------------------------------------------------------------------------- VQGAN
+
+
+def _set_codebook(params: dict, codebook) -> dict:
+    params = dict(params)
+    params["quantize"] = {"embedding": {"embedding": jnp.asarray(codebook, jnp.float32)}}
+    return params
+
+
+def train_vqgan(
+    out_dir: str | Path,
+    run_dir: str | Path,
+    pool: Pool,
+    loop: LoopConfig,
+    config: VQGANConfig | None = None,
+    crop: int = 32,
+    full_prob: float = 0.25,
+    restart_every: int = 50,
+    beta: float = 0.25,
+) -> VQGAN:
+    """VQGAN on the pool's images: L1 + L2 reconstruction + codebook and commitment losses.
+
+    Most steps see random `crop`-pixel crops (a quarter of a full image's cost; the networks are
+    convolutional), a `full_prob` share of steps whole images. The codebook starts from encoder
+    outputs, and entries that no latent picked during the last `restart_every` steps move onto
+    random latents of the current batch. Writes `<out_dir>/vqgan` in the released format.
+    """
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    config = config or M.vqgan_config()
+    if loop.checkpoint_every % restart_every:
+        raise ValueError("checkpoint_every must be a multiple of restart_every (so a resumed run restarts the same codes)")
+    vq = VQGAN.init_random(config, loop.seed)
+    module = vq.module
+    encode_latents = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode_latents))
+    n, side = pool.images.shape[0], pool.images.shape[1]
+    f = config.downsample_factor
+    crop = min(max(f, int(crop) // f * f), side)
+    last_batch: list = [None]
+
+    def make_batch(step: int):
+        rng = batch_rng(loop.seed, step, 1)
+        idx = rng.integers(0, n, loop.batch_size)
+        imgs = pool.images[idx]
+        if crop < side and rng.random() >= full_prob:
+            ys = rng.integers(0, side - crop + 1, loop.batch_size)
+            xs = rng.integers(0, side - crop + 1, loop.batch_size)
+            imgs = np.stack([im[y:y + crop, x:x + crop] for im, y, x in zip(imgs, ys, xs)])
+        last_batch[0] = jnp.asarray(imgs, jnp.float32) / 255.0
+        return (last_batch[0],)
+
+    def loss_fn(params, images):
+        rec, aux = module.apply({"params": params}, images, beta, method=VQModel.forward_train)
+        l1 = jnp.mean(jnp.abs(rec - images))
+        l2 = jnp.mean((rec - images) ** 2)
+        used = jnp.zeros((config.n_embed,), jnp.int32).at[aux["indices"].reshape(-1)].add(1)
+        psnr = -10.0 * jnp.log10(jnp.mean((jnp.clip(rec, 0, 1) - images) ** 2) + 1e-10)
+        return l1 + l2 + aux["vq_loss"], {"l1": l1, "l2": l2, "vq": aux["vq_loss"], "psnr": psnr, "usage": used}
+
+    params = vq.params
+    if not (run_dir / CHECKPOINT_FILE).is_file():
+        # Codebook from encoder outputs (k-means++ style seeding without the k-means): the
+        # U(-1/n, 1/n) init sits far from the latents and most entries would never be picked.
+        rng = batch_rng(loop.seed, 0, 2)
+        imgs = jnp.asarray(pool.images[rng.integers(0, n, 64)], jnp.float32) / 255.0
+        lat = np.asarray(encode_latents(params, imgs)).reshape(-1, config.embed_dim)
+        params = _set_codebook(params, lat[rng.choice(len(lat), config.n_embed, replace=len(lat) < config.n_embed)])
+
+    usage = np.zeros((config.n_embed,), np.int64)
+
+    def restart_dead_codes(state: TrainState, metrics: dict) -> TrainState:
+        nonlocal usage
+        usage += np.asarray(metrics["usage"])
+        if state.step % restart_every:
+            return state
+        dead = np.nonzero(usage == 0)[0]
+        usage = np.zeros_like(usage)
+        if dead.size:
+            rng = batch_rng(loop.seed, state.step, 3)
+            lat = np.asarray(encode_latents(state.params, last_batch[0])).reshape(-1, config.embed_dim)
+            new = lat[rng.integers(0, len(lat), dead.size)] + rng.normal(0, 1e-3, (dead.size, lat.shape[1]))
+            codebook = np.array(state.params["quantize"]["embedding"]["embedding"])
+            codebook[dead] = new.astype(np.float32)
+            state.params = _set_codebook(state.params, codebook)
+            state.last_metrics = dict(state.last_metrics, restarted=int(dead.size))
+        return state
+
+    state = run_loop("vqgan", run_dir, params, loss_fn, make_batch, loop, restart_dead_codes)
+    vq = VQGAN(config, state.params)
+    vq.save_pretrained(out_dir / "vqgan")
+    _mark_done(run_dir, {"step": state.step, "total_steps": state.total_steps, **state.last_metrics})
+    return vq
+
+
+def encode_pool(vq: VQGAN, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """int32 [N, latent_size**2] VQGAN codes of uint8 images (batches padded to one shape)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        _, idx, _ = vq.encode(jnp.asarray(chunk, jnp.float32) / 255.0)
+        out.append(np.asarray(idx)[: batch_size - pad])
+    return np.concatenate(out).astype(np.int32)
+
+
+def decode_codes(vq: VQGAN, codes: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """uint8 [N, H, W, 3] images of VQGAN codes."""
+    out = []
+    for i in range(0, len(codes), batch_size):
+        chunk = codes[i:i + batch_size]
+        pad = batch_size - len(chunk)
+        if pad:
+            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(vq.decode_images(jnp.asarray(chunk)))[: batch_size - pad])
+    return np.concatenate(out)
+
+
+# --------------------------------------------------------------------------- DalleBart
+
+
+def write_dallebart_config(out_dir: str | Path, config: DB.DalleBartConfig) -> None:
+    """config.json alone, so the text processor can load the folder before the weights exist."""
+    folder = Path(out_dir) / "dallebart"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def train_dallebart(
+    out_dir: str | Path,
+    run_dir: str | Path,
+    pool: Pool,
+    codes: np.ndarray,
+    loop: LoopConfig,
+    config: DB.DalleBartConfig,
+    text_dropout: float = 0.15,
+) -> DB.DalleBart:
+    """DalleBart on (caption, VQGAN codes): the dalle-mini recipe.
+
+    The encoder reads the caption (normalised + BPE by the shipped text processor, so training
+    sees exactly what serving feeds it), the decoder predicts the image codes from
+    [decoder_start] + codes[:-1] with cross-entropy. A `text_dropout` share of the rows get
+    the empty prompt instead (the unconditional row super conditioning uses).
+    Needs `<out_dir>/dallebart` to hold the tokenizer; writes the weights there.
+    """
+    from palette.stages.text import DalleBartTextProcessor
+
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    write_dallebart_config(out_dir, config)
+    processor = DalleBartTextProcessor.from_pretrained(out_dir / "dallebart")
+    params = DB.init_params(config, loop.seed)
+    n, b = len(pool), loop.batch_size
+    codes = np.asarray(codes, np.int32)
+    start = np.full((b, 1), config.decoder_start_token_id, np.int32)
+    # Normalising + tokenising a caption is pure: cache it (captions repeat a lot).
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def tokens(captions: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        missing = [c for c in dict.fromkeys(captions) if c not in cache]
+        if missing:
+            enc = processor(missing)
+            for i, c in enumerate(missing):
+                cache[c] = (enc["input_ids"][i], enc["attention_mask"][i])
+        return np.stack([cache[c][0] for c in captions]), np.stack([cache[c][1] for c in captions])
+
+    uncond = processor([""])
+    uncond_ids, uncond_mask = uncond["input_ids_uncond"][0], uncond["attention_mask_uncond"][0]
+
+    def make_batch(step: int):
+        rng = batch_rng(loop.seed, step, 4)
+        idx = rng.integers(0, n, b)
+        ids, mask = tokens(sample_captions([pool.scenes[i] for i in idx], rng))
+        drop = rng.random(b) < text_dropout
+        ids = np.where(drop[:, None], uncond_ids[None], ids)
+        mask = np.where(drop[:, None], uncond_mask[None], mask)
+        labels = codes[idx]
+        dec_in = np.concatenate([start, labels[:, :-1]], axis=1)
+        return tuple(jnp.asarray(x, jnp.int32) for x in (ids, mask, dec_in, labels))
+
+    def loss_fn(params, ids, mask, dec_in, labels):
+        logits, _ = DB.forward(params, ids, mask, dec_in, config)
+        logits = logits.astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return ce, {"token_accuracy": acc}
+
+    state = run_loop("dallebart", run_dir, params, loss_fn, make_batch, loop)
+    model = DB.DalleBart(config, state.params)
+    model.save_pretrained(out_dir / "dallebart")
+    _mark_done(run_dir, {"step": state.step, "total_steps": state.total_steps, **state.last_metrics})
+    return model
+
+
+# --------------------------------------------------------------------------- CLIP
+
+
+def clip_pixels(preprocessor, images: np.ndarray) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> the preprocessor's float32 NCHW pixels.
+
+    When the images already have the preprocessor's output size, resize and crop are
+    identities and this is the same arithmetic without PIL (checked by the trainer).
+    """
+    hw = preprocessor.output_hw
+    if hw != images.shape[1:3]:
+        from PIL import Image
+
+        return preprocessor([Image.fromarray(im) for im in images])
+    out = images.astype(np.float64) * preprocessor.rescale_factor if preprocessor.do_rescale else images
+    out = out.astype(np.float32).transpose(0, 3, 1, 2)
+    if preprocessor.do_normalize:
+        mean = np.asarray(preprocessor.image_mean, np.float32)[None, :, None, None]
+        std = np.asarray(preprocessor.image_std, np.float32)[None, :, None, None]
+        out = (out - mean) / std
+    return out.astype(np.float32)
+
+
+def train_clip(
+    out_dir: str | Path,
+    run_dir: str | Path,
+    pool: Pool,
+    loop: LoopConfig,
+    config: CLIPConfig,
+    reconstructions: np.ndarray | None = None,
+    recon_prob: float = 0.5,
+) -> CLIP:
+    """CLIP, contrastively on (image, caption) pairs of the pool.
+
+    `reconstructions` (uint8, aligned with the first len(reconstructions) pool samples) are the
+    VQGAN's versions of those images: a `recon_prob` share of every batch uses them, so the
+    ranker learns on the kind of image it will rank. Needs the tokenizer and
+    preprocessor_config.json in `<out_dir>/clip`; writes the weights there.
+    """
+    from PIL import Image
+
+    from palette.stages.clip_processing import CLIPImagePreprocessor, CLIPTextTokenizer
+
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    folder = out_dir / "clip"
+    tokenizer = CLIPTextTokenizer.from_pretrained(folder, max_length=config.text_config.max_position_embeddings)
+    preprocessor = CLIPImagePreprocessor.from_pretrained(folder, image_size=config.vision_config.image_size)
+    probe = pool.images[:2]
+    if not np.allclose(clip_pixels(preprocessor, probe), preprocessor([Image.fromarray(im) for im in probe]),
+                       atol=1e-5):
+        raise AssertionError("clip_pixels disagrees with the CLIP preprocessor")
+    clip = CLIP.init_random(config, loop.seed)
+    module = clip.module
+    n, b = len(pool), loop.batch_size
+    n_recon = 0 if reconstructions is None else len(reconstructions)
+
+    def make_batch(step: int):
+        rng = batch_rng(loop.seed, step, 5)
+        idx = rng.choice(n, b, replace=False)
+        images = pool.images[idx].copy()
+        if n_recon:
+            swap = rng.random(b) < recon_prob
+            ridx = rng.integers(0, n_recon, b)
+            idx = np.where(swap, ridx, idx)
+            images[swap] = reconstructions[ridx[swap]]
+        text = tokenizer(sample_captions([pool.scenes[i] for i in idx], rng), pad_to_max_length=True)
+        return (jnp.asarray(text["input_ids"]), jnp.asarray(text["attention_mask"]),
+                jnp.asarray(clip_pixels(preprocessor, images)))
+
+    def loss_fn(params, ids, mask, pixels):
+        out = module.apply({"params": params}, ids, mask, pixels)
+        logits = out["logits_per_text"]
+        acc = jnp.mean(jnp.argmax(logits, -1) == jnp.arange(logits.shape[0]))
+        return clip_loss(logits), {"batch_accuracy": acc, "logit_scale": params["logit_scale"]}
+
+    state = run_loop("clip", run_dir, clip.params, loss_fn, make_batch, loop)
+    clip = CLIP(config, state.params)
+    clip.save_pretrained(folder)
+    _mark_done(run_dir, {"step": state.step, "total_steps": state.total_steps, **state.last_metrics})
+    return clip
+
+
+# --------------------------------------------------------------------------- the default set
+
+#: Shares of the time budget: VQGAN, DalleBart, CLIP (the rest of the budget is data, encoding, saving).
+BUDGET_SHARES = (0.38, 0.44, 0.12)
+
+
+def _minutes_until(t: float) -> float:
+    return max(0.1, (t - time.monotonic()) / 60.0)
+
+
+def train_default(
+    out_dir: str | Path,
+    time_budget_minutes: float = 50.0,
+    seed: int = 0,
+    run_dir: str | Path | None = None,
+    pool_size: int = 6000,
+    max_steps: tuple[int, int, int] = (100_000, 100_000, 100_000),
+    batch_sizes: tuple[int, int, int] = (16, 32, 128),
+    progress: bool = True,
+) -> dict:
+    """Train the whole default set into `out_dir` within about `time_budget_minutes`.
+
+    VQGAN, then DalleBart on its codes of the pool, then CLIP (on pool images and their VQGAN
+    reconstructions). Each stops at its share of the budget (`BUDGET_SHARES`) or its step cap.
+    Resumable: a finished model (its run folder holds done.json) is loaded instead of retrained,
+    an unfinished one continues from its checkpoint. The set is assembled in `<run_dir>/out` and
+    copied to `out_dir` only when complete, so `out_dir` never holds a half-trained mix.
+    Returns a summary (also written to `<run_dir>/summary.json`).
+    """
+    t0 = time.monotonic()
+    final_dir = Path(out_dir)
+    run_dir = Path(run_dir) if run_dir is not None else Path("runs") / f"train-{final_dir.name}"
+    out_dir = run_dir / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    budget = 60.0 * float(time_budget_minutes)
+    ends = np.cumsum(BUDGET_SHARES) * budget + t0
+    summary: dict[str, Any] = {"seed": seed, "budget_minutes": time_budget_minutes, "pool_size": pool_size}
+
+    bart_vocab, clip_vocab = M.write_tokenizers(out_dir, tokenizer_corpus(seed))
+    M.write_clip_preprocessor(out_dir)
+    pool = make_pool(seed, pool_size)
+    log.info("pool of %d samples ready after %.1f s", len(pool), time.monotonic() - t0)
+
+    def loop(i: int, **kw) -> LoopConfig:
+        base = dict(steps=max_steps[i], minutes=_minutes_until(ends[i]), batch_size=batch_sizes[i], seed=seed,
+                    progress=progress)
+        base.update(kw)
+        return LoopConfig(**base)
+
+    # 1. VQGAN
+    vq_run = run_dir / "vqgan"
+    t = time.monotonic()
+    if is_done(vq_run):
+        vq = VQGAN.from_pretrained(out_dir / "vqgan")
+    else:
+        vq = train_vqgan(out_dir, vq_run, pool, loop(0, lr=1e-3, warmup=50))
+    summary["vqgan"] = {**json.loads((vq_run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
+
+    # 2. DalleBart on the codes
+    codes_path = run_dir / "codes.npy"
+    if codes_path.is_file():
+        codes = np.load(codes_path)
+    else:
+        codes = encode_pool(vq, pool.images)
+        np.save(codes_path, codes)
+    summary["codes_used"] = int(len(np.unique(codes)))
+    bart_run = run_dir / "dallebart"
+    t = time.monotonic()
+    if not is_done(bart_run):
+        train_dallebart(out_dir, bart_run, pool, codes, loop(1, lr=2e-3, warmup=100), M.dallebart_config(bart_vocab))
+    summary["dallebart"] = {**json.loads((bart_run / DONE_FILE).read_text()),
+                            "minutes": round((time.monotonic() - t) / 60, 2)}
+
+    # 3. CLIP, on originals and VQGAN reconstructions
+    clip_run = run_dir / "clip"
+    t = time.monotonic()
+    if not is_done(clip_run):
+        n_recon = min(len(pool), 2000)
+        recon = decode_codes(vq, codes[:n_recon])
+        train_clip(out_dir, clip_run, pool, loop(2, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon)
+    summary["clip"] = {**json.loads((clip_run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
+
+    summary["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
+    description = (f"trained by `palette train default` (seed {seed}, {summary['total_minutes']} min on this machine; "
+                   f"VQGAN {summary['vqgan']['step']} steps, DalleBart {summary['dallebart']['step']} steps, "
+                   f"CLIP {summary['clip']['step']} steps)")
+    M.write_pipeline_config(out_dir, description)
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    publish_model_set(out_dir, final_dir)
+    summary["out"] = str(final_dir)
+    return summary
+
+
+MODEL_SET_ENTRIES = ("dallebart", "vqgan", "clip", "pipeline.toml")
+
+
+def publish_model_set(src: str | Path, dst: str | Path) -> Path:
+    """Replace the model-set entries of `dst` by those of `src` (other files in `dst` are kept)."""
+    import shutil
+
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        return dst
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in MODEL_SET_ENTRIES:
+        new, target = dst / f".{name}.new", dst / name
+        if new.is_dir():
+            shutil.rmtree(new)
+        if (src / name).is_dir():
+            shutil.copytree(src / name, new)
+            if target.is_dir():
+                shutil.rmtree(target)
+        else:
+            shutil.copy2(src / name, new)
+        os.replace(new, target)
+    return dst
