@@ -35,6 +35,7 @@ from .devices import DeviceState
 from .models import dallebart as db
 
 DEFAULT_TOP_K = 50  # what the original's generation config falls back to when top_k is unset
+DEFAULT_MAX_TOP_K = 256  # largest top_k a request may ask for (min-dalle's default top_k)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,38 +82,41 @@ def _rows(x: jax.Array) -> jax.Array:
     return jnp.repeat(x, 2, axis=0)
 
 
-def filter_and_sample(logits, key, top_k, top_p, temperature):
-    """One row: temperature, top-k, top-p (nucleus, keeping the token that crosses p), then a draw."""
-    logits = logits / temperature
-    order = jnp.argsort(-logits)  # stable: ties keep the lower id first, like lax.top_k
-    sorted_logits = logits[order]
-    rank = jnp.arange(logits.shape[0])
+def filter_and_sample(logits, key, top_k, top_p, temperature, max_top_k: int):
+    """One row: temperature, top-k, top-p (nucleus, keeping the token that crosses p), then a draw.
+
+    Candidates come from lax.top_k with a static `max_top_k`: a full sort of a 16k
+    vocabulary per row per step costs more than the rest of a small model's step.
+    """
+    values, ids = jax.lax.top_k(logits / temperature, max_top_k)  # descending; ties keep the lower id first
+    rank = jnp.arange(max_top_k)
     keep = rank < top_k
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf))
+    probs = jax.nn.softmax(jnp.where(keep, values, -jnp.inf))
     mass_before = jnp.cumsum(probs) - probs
     keep &= (mass_before < top_p) | (top_p >= 1.0)
     keep |= rank == 0
-    choice = jax.random.categorical(key, jnp.where(keep, sorted_logits, -jnp.inf))
-    return order[choice]
+    choice = jax.random.categorical(key, jnp.where(keep, values, -jnp.inf))
+    return ids[choice]
 
 
 class SamplerEngine:
     """Decode state for `num_slots` images on the mesh; one thread drives it (admit / step / release)."""
 
     def __init__(self, model: db.DalleBart, devices: DeviceState | None = None, num_slots: int = 8,
-                 chunk_steps: int = 16, params: Any = None):
+                 chunk_steps: int = 16, max_top_k: int = DEFAULT_MAX_TOP_K, params: Any = None):
         self.model = model
         self.config = model.config
         self.devices = devices or DeviceState.create()
         self.num_slots = self.devices.round_batch(max(1, num_slots))
         self.image_length = self.config.image_length
         self.chunk_steps = max(1, min(chunk_steps, self.image_length))
+        self.max_top_k = max(1, min(max_top_k, self.config.logits_size))
         self.params = params if params is not None else self.devices.place_params(model.params)
         self._occupied = np.zeros(self.num_slots, bool)
         self.state = self._initial_state()
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
         self._admit = jax.jit(self._admit_fn, donate_argnums=0, out_shardings=shardings)
-        self._chunk = jax.jit(self._chunk_fn, static_argnums=2, donate_argnums=0, out_shardings=shardings)
+        self._chunk = jax.jit(self._chunk_fn, static_argnums=(2, 3), donate_argnums=0, out_shardings=shardings)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -121,7 +125,7 @@ class SamplerEngine:
         heads = c.decoder_attention_heads
         head_dim = c.d_model // heads
         dtype = self.model.dtype
-        cache = lambda length: [jnp.zeros((2 * s, length, heads, head_dim), dtype)  # noqa: E731
+        cache = lambda length: [jnp.zeros((2 * s, heads, length, head_dim), dtype)  # noqa: E731
                                 for _ in range(c.decoder_layers)]
         state = {
             "self_k": cache(c.image_length), "self_v": cache(c.image_length),
@@ -161,26 +165,29 @@ class SamplerEngine:
         new["prev"] = put("prev", jnp.full((n,), c.decoder_start_token_id, jnp.int32))
         new["done"] = put("done", jnp.zeros((n,), bool))
         new["key"] = put("key", jax.vmap(jax.random.PRNGKey)(seeds))
-        new["top_k"] = put("top_k", jnp.where(top_k > 0, top_k, DEFAULT_TOP_K))
+        new["top_k"] = put("top_k", jnp.where(top_k > 0, top_k, min(DEFAULT_TOP_K, self.max_top_k)))
         new["top_p"] = put("top_p", top_p)
         new["temperature"] = put("temperature", temperature)
         new["scale"] = put("scale", scale)
         return new
 
-    def _decode_step(self, state, params):
+    def _decode_step(self, state, params, context: int):
+        """One token for every slot. Self-attention reads only the first `context` cached
+        positions (a static bound on every row's position during this chunk): the cache
+        is the largest thing read per step after the weights."""
         c = self.config
         position = state["position"]
         row_pos = _rows(jnp.minimum(position, c.image_length - 1))
         h = db.embed(_rows(state["prev"])[:, None], row_pos[:, None], params["model"]["decoder"], c)
-        self_allowed = (jnp.arange(c.image_length)[None, :] <= row_pos[:, None])[:, None, None, :]
+        self_allowed = (jnp.arange(context)[None, :] <= row_pos[:, None])[:, None, None, :]
         cross_allowed = state["cross_mask"][:, None, None, :]
-        write = jax.vmap(lambda cache, x, t: jax.lax.dynamic_update_slice_in_dim(cache, x, t, axis=0))
+        write = jax.vmap(lambda cache, x, t: jax.lax.dynamic_update_slice_in_dim(cache, x, t, axis=1))
         new_k, new_v = [], []
         for p, ck, cv, sk, sv in zip(db.decoder_layers(params, c), state["cross_k"], state["cross_v"],
                                      state["self_k"], state["self_v"]):
             def self_kv(k, v, sk=sk, sv=sv):
                 k_all, v_all = write(sk, k, row_pos), write(sv, v, row_pos)
-                return k_all, v_all, (k_all, v_all)
+                return k_all[:, :, :context], v_all[:, :, :context], (k_all, v_all)
 
             h, (k_all, v_all) = db.decoder_layer(h, self_kv, self_allowed, (ck, cv), cross_allowed, p, c)
             new_k.append(k_all)
@@ -191,7 +198,8 @@ class SamplerEngine:
         # With scale 1 the original ignores the unconditional row entirely; keep that bit-exact.
         logits = jnp.where(scale == 1.0, cond, uncond + scale * (cond - uncond))
         keys = jax.vmap(jax.random.fold_in)(state["key"], position)
-        nxt = jax.vmap(filter_and_sample)(logits, keys, state["top_k"], state["top_p"], state["temperature"])
+        sample = functools.partial(filter_and_sample, max_top_k=self.max_top_k)
+        nxt = jax.vmap(sample)(logits, keys, state["top_k"], state["top_p"], state["temperature"])
 
         active = ~state["done"]
         emitted_eos = active & (nxt == c.eos_token_id)
@@ -205,8 +213,16 @@ class SamplerEngine:
                    done=state["done"] | emitted_eos | (position >= c.image_length))
         return new
 
-    def _chunk_fn(self, state, params, steps: int):
-        return jax.lax.fori_loop(0, steps, lambda _, s: self._decode_step(s, params), state)
+    def _chunk_fn(self, state, params, steps: int, context: int):
+        return jax.lax.fori_loop(0, steps, lambda _, s: self._decode_step(s, params, context), state)
+
+    def _context_bound(self, steps: int) -> int:
+        """Cached positions the next `steps` steps can read, rounded up to a quarter of the image
+        length so the loop compiles for at most four context sizes."""
+        position = jax.device_get(self.state["position"])[self._occupied]
+        needed = int(position.max()) + steps if position.size else self.image_length
+        quarter = -(-self.image_length // 4)
+        return min(self.image_length, -(-needed // quarter) * quarter)
 
     # -- the driver's API ---------------------------------------------------------------------
 
@@ -227,6 +243,8 @@ class SamplerEngine:
                 raise ValueError(f"slot {s} is occupied")
         for p in params:
             p.validate()
+            if p.top_k > self.max_top_k:
+                raise ValueError(f"top_k must be 0..{self.max_top_k} (0 = default {DEFAULT_TOP_K}), got {p.top_k}")
         # Admissions are padded to a power of two so the encoder compiles for a few sizes only.
         n = 1 << (len(slots) - 1).bit_length()
         pad = n - len(slots)
@@ -250,7 +268,8 @@ class SamplerEngine:
         """Advance every occupied slot by `steps` (default chunk_steps) tokens; report the occupied slots."""
         if not self._occupied.any():
             return []
-        self.state = self._chunk(self.state, self.params, steps or self.chunk_steps)
+        steps = steps or self.chunk_steps
+        self.state = self._chunk(self.state, self.params, steps, self._context_bound(steps))
         tokens, position, done = jax.device_get((self.state["tokens"], self.state["position"], self.state["done"]))
         return [SlotProgress(slot=s, tokens=tokens[s], steps_done=int(position[s]), finished=bool(done[s]))
                 for s in self.occupied_slots()]

@@ -155,12 +155,18 @@ def split_heads(x: jax.Array, heads: int) -> jax.Array:
     return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
 
 
+def heads_first(x: jax.Array, heads: int) -> jax.Array:
+    """[B, L, H*d] -> [B, H, L, d]: the layout keys and values are kept in (and cached in),
+    so attention is a plain batched matmul with no per-step transpose of the cache."""
+    return split_heads(x, heads).transpose(0, 2, 1, 3)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """q [B,Q,H,d], k/v [B,K,H,d], allowed broadcastable to [B,H,Q,K] -> [B,Q,H*d]."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    """q [B,Q,H,d], k/v [B,H,K,d], allowed broadcastable to [B,H,Q,K] -> [B,Q,H*d]."""
+    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(allowed, scores, -jnp.inf)
     weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    out = jnp.einsum("bhqk,bhkd->bqhd", weights, v)
     return out.reshape(*out.shape[:2], -1)
 
 
@@ -182,8 +188,8 @@ def feed_forward(x: jax.Array, p: Mapping[str, Any], config: DalleBartConfig) ->
 
 def attention_block(x, kv, allowed, p, heads):
     q = split_heads(dense(x, p["q_proj"]), heads)
-    k = split_heads(dense(kv, p["k_proj"]), heads)
-    v = split_heads(dense(kv, p["v_proj"]), heads)
+    k = heads_first(dense(kv, p["k_proj"]), heads)
+    v = heads_first(dense(kv, p["v_proj"]), heads)
     return dense(attend(q, k, v, allowed), p["out_proj"])
 
 
@@ -232,12 +238,12 @@ def decoder_layers(params: Params, config: DalleBartConfig) -> list[Params]:
 
 
 def cross_attention_kv(params: Params, enc: jax.Array, config: DalleBartConfig) -> list[tuple[jax.Array, jax.Array]]:
-    """Per decoder layer, the cross-attention keys and values [B, Lt, H, d]: computed once per prompt."""
+    """Per decoder layer, the cross-attention keys and values [B, H, Lt, d]: computed once per prompt."""
     heads = config.decoder_attention_heads
     out = []
     for p in decoder_layers(params, config):
         attn = p["FlaxBartAttention_1"]
-        out.append((split_heads(dense(enc, attn["k_proj"]), heads), split_heads(dense(enc, attn["v_proj"]), heads)))
+        out.append((heads_first(dense(enc, attn["k_proj"]), heads), heads_first(dense(enc, attn["v_proj"]), heads)))
     return out
 
 
@@ -249,8 +255,8 @@ def decoder_layer(h, self_kv, self_allowed, cross_kv, cross_allowed, p, config: 
 
     x = layer_norm(h, p["LayerNorm_0"])
     q = split_heads(dense(x, sa["q_proj"]), heads)
-    k_new = split_heads(dense(x, sa["k_proj"]), heads)
-    v_new = split_heads(dense(x, sa["v_proj"]), heads)
+    k_new = heads_first(dense(x, sa["k_proj"]), heads)
+    v_new = heads_first(dense(x, sa["v_proj"]), heads)
     k, v, new_cache = self_kv(k_new, v_new)
     a = dense(attend(q, k, v, self_allowed), sa["out_proj"])
     h = h + (layer_norm(a, p["LayerNorm_1"]) if normformer else a)
