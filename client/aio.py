@@ -1,0 +1,79 @@
+"""The asyncio client (grpc.aio): `async for event in client.generate(...)`."""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Iterable
+
+import grpc
+import grpc.aio
+
+from palette.v1 import palette_pb2 as pb
+from palette.v1 import palette_pb2_grpc as pb_grpc
+
+from .events import (Done, GenerateEvent, GeneratedImage, ImageInput, PaletteError, RankEvent, channel_options,
+                     generate_event, generate_request, image_bytes, metadata_for, rank_event)
+from .sync import DEFAULT_TARGET, GenerateResult
+
+
+class AsyncPaletteClient:
+    """Like PaletteClient, for asyncio. Use `async with AsyncPaletteClient(...) as client:`."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None):
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self._stub = pb_grpc.PaletteStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncPaletteClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def generate(self, prompt: str, num_images: int = 1, *, timeout: float | None = None,
+                       request_id: str | None = None, **options) -> AsyncIterator[GenerateEvent]:
+        """Progress, Preview, GeneratedImage and Done events as they stream. Leaving the loop early
+        (break, exception, task cancellation) cancels the call, and the server frees its rows."""
+        call = self._stub.Generate(generate_request(prompt, num_images, **options),
+                                   timeout=timeout or self.timeout, metadata=metadata_for(request_id))
+        try:
+            async for msg in call:
+                yield generate_event(msg)
+        except grpc.aio.AioRpcError as err:
+            raise PaletteError.from_rpc_error(err) from None
+        finally:
+            call.cancel()  # a no-op when the stream already finished
+
+    async def generate_images(self, prompt: str, num_images: int = 1, **options) -> GenerateResult:
+        images: list[GeneratedImage] = []
+        async for event in self.generate(prompt, num_images, **options):
+            if isinstance(event, GeneratedImage):
+                images.append(event)
+            elif isinstance(event, Done):
+                return GenerateResult(sorted(images, key=lambda im: im.index), event)
+        raise PaletteError(grpc.StatusCode.UNKNOWN, "the stream ended without a done message")
+
+    async def rank(self, prompt: str, images: Iterable[ImageInput], *, timeout: float | None = None,
+                   request_id: str | None = None) -> AsyncIterator[RankEvent]:
+        async def requests():
+            yield pb.RankRequest(prompt=prompt)
+            for image in images:
+                yield pb.RankRequest(image=image_bytes(image))
+
+        call = self._stub.Rank(requests(), timeout=timeout or self.timeout, metadata=metadata_for(request_id))
+        try:
+            async for msg in call:
+                yield rank_event(msg)
+        except grpc.aio.AioRpcError as err:
+            raise PaletteError.from_rpc_error(err) from None
+        finally:
+            call.cancel()
+
+    async def info(self, *, timeout: float | None = None) -> pb.ModelInfo:
+        try:
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout or 30.0)
+        except grpc.aio.AioRpcError as err:
+            raise PaletteError.from_rpc_error(err) from None

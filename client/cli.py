@@ -1,0 +1,218 @@
+"""The `palette` command: serve, generate, rank, info."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .events import Done, GeneratedImage, PaletteError, Preview, Progress, RankDone, Score
+from .sync import DEFAULT_TARGET, PaletteClient
+
+SERVER_EXTRA_HINT = (
+    "`palette serve` needs the server dependencies, which the client install leaves out.\n"
+    "Install them with:  pip install 'palette[server]'   (from a checkout: pip install -e '.[server]')")
+SERVER_MODULES = {"jax", "jaxlib", "flax", "numpy", "msgpack", "transformers", "tokenizers", "ftfy", "emoji",
+                  "unidecode", "prometheus_client", "grpc_health", "grpc_reflection", "optax", "huggingface_hub"}
+
+
+def _server_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", default=os.environ.get("PALETTE_SERVER", DEFAULT_TARGET),
+                        help="server address host:port (default: $PALETTE_SERVER or %(default)s)")
+    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="palette", description="Text-to-image generation server and client.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("serve", help="run the model server (needs the server extra)")
+    p.add_argument("--config", help="pipeline config TOML (default: the embedded default model set)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default %(default)s; 0 = any free port)")
+    p.add_argument("--metrics-port", type=int, default=9464,
+                   help="Prometheus /metrics HTTP port (default %(default)s; 0 = any free port)")
+    p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--num-slots", type=int, help="sampler rows decoded together (overrides the config)")
+    p.add_argument("--chunk-steps", type=int, help="tokens per sampler step (overrides the config)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="Generate requests that may wait for rows before RESOURCE_EXHAUSTED (default %(default)s)")
+    p.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="how long an idle sampler waits to batch arrivals together (default %(default)s)")
+    p.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM, how long in-flight requests may take to finish (default %(default)s)")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before listening")
+    p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
+
+    p = sub.add_parser("generate", help="generate images for a prompt")
+    p.add_argument("prompt")
+    p.add_argument("-n", "--num-images", type=int, default=4, help="how many images (default %(default)s)")
+    p.add_argument("--out", default="out", help="folder for the images and the grid (default %(default)s)")
+    p.add_argument("--rank", action="store_true", help="CLIP-rank the images (the grid shows them best first)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: random)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: the model's, 50)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
+    p.add_argument("--temperature", type=float, help="sampling temperature, > 0 (default 1)")
+    p.add_argument("--condition-scale", type=float, help="super-conditioning scale (default 10)")
+    p.add_argument("--format", choices=("png", "jpeg", "webp"), default="png", help="image format")
+    p.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1..100 (default 90)")
+    p.add_argument("--preview-every", type=int, default=0,
+                   help="save a partial image every K tokens into OUT/previews (default: off)")
+    p.add_argument("--no-grid", action="store_true", help="do not write grid.png")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _server_arg(p)
+
+    p = sub.add_parser("rank", help="CLIP-score images against a prompt, best first")
+    p.add_argument("prompt")
+    p.add_argument("images", nargs="+", metavar="IMG", help="image files")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _server_arg(p)
+
+    p = sub.add_parser("info", help="show the server's stages, devices and limits")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _server_arg(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"serve": cmd_serve, "generate": cmd_generate, "rank": cmd_rank, "info": cmd_info}[args.command](args)
+    except PaletteError as err:
+        print(f"palette: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("palette: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from palette.server.main import run
+        from palette.server.service import ServerConfig
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] in SERVER_MODULES:
+            print(f"palette: error: missing module {err.name!r}.\n{SERVER_EXTRA_HINT}", file=sys.stderr)
+            return 2
+        raise
+    config = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
+                          max_queued_requests=args.max_queue, max_wait_ms=args.max_wait_ms, grace_s=args.grace_s,
+                          warmup=not args.no_warmup)
+    try:
+        return run(args.config, config, log_format=args.log_format, num_slots=args.num_slots,
+                   chunk_steps=args.chunk_steps)
+    except OSError as err:
+        print(f"palette: error: {err}", file=sys.stderr)
+        return 1
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.preview_every:
+        (out / "previews").mkdir(exist_ok=True)
+    images: list[GeneratedImage] = []
+    done: Done | None = None
+    bar = None
+    with PaletteClient(args.server, timeout=args.timeout) as client:
+        call = client.generate(args.prompt, args.num_images, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
+                               temperature=args.temperature, condition_scale=args.condition_scale, rank=args.rank,
+                               format=args.format, quality=args.quality, preview_every=args.preview_every)
+        try:
+            for event in call:
+                if isinstance(event, Progress):
+                    if bar is None:
+                        bar = tqdm(total=event.tokens_total, unit="tok", desc="sampling", disable=args.quiet,
+                                   file=sys.stderr)
+                    bar.update(event.tokens_done - bar.n)
+                    bar.set_postfix(images=f"{len(images)}/{args.num_images}", queued=event.images_queued)
+                elif isinstance(event, Preview):
+                    event.save(out / "previews" / f"{event.index:02d}-{event.tokens_done:04d}{event.extension}")
+                elif isinstance(event, GeneratedImage):
+                    path = out / f"{event.index:02d}-seed{event.seed}{event.extension}"
+                    event.save(path)
+                    images.append(event)
+                    if bar is not None:
+                        bar.set_postfix(images=f"{len(images)}/{args.num_images}")
+                    message = f"wrote {path}" + (f"  score {event.score:.4f}" if event.score is not None else "")
+                    (bar.write if bar is not None else print)(message, file=sys.stderr)
+                elif isinstance(event, Done):
+                    done = event
+        finally:
+            if bar is not None:
+                bar.close()
+    if done is None:
+        print("palette: error: the server ended the stream without finishing", file=sys.stderr)
+        return 1
+    by_index = {im.index: im for im in images}
+    order = [by_index[i] for i in done.ranked_indices] if done.ranked_indices else sorted(images, key=lambda m: m.index)
+    if not args.no_grid:
+        from .sheet import contact_sheet
+
+        grid = out / "grid.png"
+        contact_sheet(order, title=args.prompt).save(grid)
+        print(f"wrote {grid}", file=sys.stderr)
+    if done.ranked_indices:
+        print("best first:")
+        for rank, im in enumerate(order, 1):
+            print(f"  {rank:2d}. #{im.index:<2d} seed {im.seed:<10d} score {im.score:.4f}")
+    print(f"{len(images)} images in {done.total_ms / 1000:.2f} s (first after {done.time_to_first_image_ms / 1000:.2f} s,"
+          f" queued {done.queue_ms / 1000:.2f} s); request {done.request_id}")
+    return 0
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    for path in args.images:
+        if not os.path.isfile(path):
+            print(f"palette: error: {path}: no such file", file=sys.stderr)
+            return 2
+    scores: dict[int, float] = {}
+    order: list[int] = []
+    with PaletteClient(args.server, timeout=args.timeout) as client:
+        for event in client.rank(args.prompt, args.images):
+            if isinstance(event, Score):
+                scores[event.index] = event.score
+            elif isinstance(event, RankDone):
+                order = list(event.ranked_indices)
+    if args.json:
+        print(json.dumps([{"rank": r, "index": i, "path": args.images[i], "score": scores[i]}
+                          for r, i in enumerate(order, 1)], indent=2))
+    else:
+        for r, i in enumerate(order, 1):
+            print(f"{r:3d}. {scores[i]:9.4f}  {args.images[i]}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with PaletteClient(args.server, timeout=args.timeout) as client:
+        info = client.info()
+    if args.json:
+        from google.protobuf import json_format
+
+        print(json_format.MessageToJson(info, preserving_proto_field_name=True))
+        return 0
+    lim = info.limits
+    print(f"palette server {info.server_version} at {args.server}")
+    print(f"config:  {info.config_path}")
+    print(f"devices: {', '.join(info.devices)}")
+    print("stages:")
+    for s in info.stages:
+        detail = ", ".join(x for x in (s.dtype, s.checkpoint) if x)
+        print(f"  {s.name:<10} {s.kind:<14} {s.type:<22} {detail}")
+    print("limits:")
+    print(f"  images {lim.image_width}x{lim.image_height}, {lim.image_length} tokens; "
+          f"1..{lim.max_images_per_request} per request")
+    print(f"  prompt: {lim.max_prompt_chars} characters, {lim.max_prompt_tokens} tokens")
+    print(f"  batching: {lim.num_slots} sampler rows, {lim.chunk_steps} tokens per step, "
+          f"queue of {lim.max_queued_requests} requests")
+    print(f"  rank: {'available' if info.has_ranker else 'not available'}; up to {lim.max_rank_images} images "
+          f"of {lim.max_rank_image_bytes} bytes and {lim.max_rank_image_pixels} pixels each")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
