@@ -62,6 +62,7 @@ class Stage:
     kind: ClassVar[str] = "stage"
     consumes: ClassVar[tuple[str, ...]] = ()
     produces: ClassVar[tuple[str, ...]] = ()
+    tunable: ClassVar[tuple[str, ...]] = ()  # options Pipeline.load(**overrides) may set
 
     def __init__(self, name: str, options: Mapping[str, Any] | None = None):
         self.name = name

@@ -93,6 +93,7 @@ class BartSamplerStage(Stage):
     kind = "sampler"
     consumes = (PROMPT_TOKENS, SAMPLING)
     produces = (IMAGE_TOKENS,)
+    tunable = ("num_slots", "chunk_steps", "max_top_k", "dtype")
 
     def initialize(self, context: StageContext) -> None:
         from .models.dallebart import DalleBart
@@ -102,7 +103,8 @@ class BartSamplerStage(Stage):
         self.dtype = DTYPE_NAMES[self.options.get("dtype", context.dtype)]
         self.model = DalleBart.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
         self.engine = SamplerEngine(self.model, context.devices, num_slots=int(self.options.get("num_slots", 8)),
-                                    chunk_steps=int(self.options.get("chunk_steps", 16)))
+                                    chunk_steps=int(self.options.get("chunk_steps", 16)),
+                                    max_top_k=int(self.options.get("max_top_k", 256)))
 
     def execute(self, batch):
         for start in range(0, len(batch), self.engine.num_slots):
@@ -118,6 +120,7 @@ class BartSamplerStage(Stage):
         c = self.model.config
         return {**super().describe(), "checkpoint": self.checkpoint, "dtype": self.dtype,
                 "num_slots": self.engine.num_slots, "chunk_steps": self.engine.chunk_steps,
+                "max_top_k": self.engine.max_top_k,
                 "d_model": c.d_model, "layers": [c.encoder_layers, c.decoder_layers],
                 "image_length": c.image_length, "max_text_length": c.max_text_length}
 

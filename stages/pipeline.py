@@ -63,6 +63,20 @@ class Limits:
     image_size: tuple[int, int]  # (height, width)
 
 
+PIPELINE_SETTINGS = ("dtype", "max_images_per_request")
+
+
+def check_wiring(stages: Sequence[Stage]) -> None:
+    """Every value a stage consumes must be a pipeline input or produced by an earlier stage."""
+    available = set(PIPELINE_INPUTS)
+    for stage in stages:
+        missing = [name for name in stage.consumes if name not in available]
+        if missing:
+            raise StageError(f"stage {stage.name!r} consumes {missing}, which no earlier stage produces "
+                             f"(available: {sorted(available)})")
+        available.update(stage.produces)
+
+
 class Pipeline:
     def __init__(self, stages: Sequence[Stage], devices: DeviceState, settings: dict[str, Any],
                  config_path: Path | None = None):
@@ -70,7 +84,7 @@ class Pipeline:
         self.devices = devices
         self.settings = settings
         self.config_path = config_path
-        self._check_wiring()
+        check_wiring(self.stages)
         self.text = self._one(lambda s: PROMPT_TOKENS in s.produces, "a text stage (produces prompt_tokens)")
         sampler_stage = self._one(lambda s: IMAGE_TOKENS in s.produces, "a sampler stage (produces image_tokens)")
         self.sampler: SamplerEngine = sampler_stage.engine
@@ -108,12 +122,10 @@ class Pipeline:
             except tomllib.TOMLDecodeError as err:
                 raise StageError(f"pipeline config {path} is not valid TOML: {err}") from err
         settings = dict(raw.get("pipeline", {}))
-        settings.update({k: v for k, v in overrides.items() if k in settings or k == "max_images_per_request"})
+        settings.update({k: v for k, v in overrides.items() if k in PIPELINE_SETTINGS})
         specs = raw.get("stages", [])
         if not specs:
             raise StageError(f"pipeline config {path} has no [[stages]]")
-        devices = devices or DeviceState.create()
-        context = StageContext(devices=devices, base_dir=path.parent, dtype=settings.get("dtype", "float32"))
         stages = []
         for spec in specs:
             spec = dict(spec)
@@ -121,23 +133,17 @@ class Pipeline:
                 name, type_name = spec.pop("name"), spec.pop("type")
             except KeyError as err:
                 raise StageError(f"a stage in {path} lacks {err.args[0]!r}") from None
-            for key, value in overrides.items():
-                if key in spec or key in ("num_slots", "chunk_steps") and type_name == "bart_sampler":
-                    spec[key] = value
-            stage = find_stage_class(type_name)(name, spec)
-            log.info("initialising stage %s (%s)", name, type_name)
+            cls_ = find_stage_class(type_name)
+            # An override replaces an option the stage already has, or one it declares it takes.
+            spec.update({k: v for k, v in overrides.items() if k in spec or k in cls_.tunable})
+            stages.append(cls_(name, spec))
+        check_wiring(stages)  # before any weights are loaded
+        devices = devices or DeviceState.create()
+        context = StageContext(devices=devices, base_dir=path.parent, dtype=settings.get("dtype", "float32"))
+        for stage in stages:
+            log.info("initialising stage %s (%s)", stage.name, type(stage).__name__)
             stage.initialize(context)
-            stages.append(stage)
         return cls(stages, devices, settings, config_path=path)
-
-    def _check_wiring(self) -> None:
-        available = set(PIPELINE_INPUTS)
-        for stage in self.stages:
-            missing = [name for name in stage.consumes if name not in available]
-            if missing:
-                raise StageError(f"stage {stage.name!r} consumes {missing}, which no earlier stage produces "
-                                 f"(available: {sorted(available)})")
-            available.update(stage.produces)
 
     def _one(self, predicate, what: str) -> Any:
         found = [s for s in self.stages if predicate(s)]
