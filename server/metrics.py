@@ -39,7 +39,11 @@ class Metrics:
 
     def serve(self, port: int, host: str) -> int:
         """Expose /metrics over HTTP; returns the bound port (0 picks a free one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:
+            raise OSError(f"cannot serve metrics on {host}:{port} ({err.strerror or err}); "
+                          f"pick another --metrics-port or pass --no-metrics") from None
         return self._http.server_port
 
     def close(self) -> None:
