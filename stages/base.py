@@ -48,7 +48,7 @@ class StageError(RuntimeError):
 class StageContext:
     devices: DeviceState
     base_dir: Path  # relative paths in stage options resolve against the config file's folder
-    dtype: str = "float32"
+    dtype: str = "auto"  # pipeline-wide compute dtype: auto, float32, bfloat16, float16
 
     def resolve(self, ref: str | Path) -> str:
         """A checkpoint reference: a path relative to the config file, an absolute path, or a hub id."""

@@ -21,6 +21,17 @@ class PromptError(ValueError):
     """A prompt the model cannot take; the message is meant for the user."""
 
 
+def stage_dtype(options: dict[str, Any], context: StageContext) -> str:
+    """The stage's compute dtype: its own option, else the pipeline's; "auto" is bfloat16 on an
+    accelerator (where bf16 matmuls are native) and float32 on CPU (where they are not)."""
+    name = options.get("dtype", context.dtype)
+    if name == "auto":
+        return "float32" if context.devices.platform == "cpu" else "bfloat16"
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPE_NAMES)}, got {name!r}")
+    return DTYPE_NAMES[name]
+
+
 def _jnp_dtype(name: str):
     import jax.numpy as jnp
 
@@ -100,7 +111,7 @@ class BartSamplerStage(Stage):
         from .sampler import SamplerEngine
 
         self.checkpoint = context.resolve(self.options["checkpoint"])
-        self.dtype = DTYPE_NAMES[self.options.get("dtype", context.dtype)]
+        self.dtype = stage_dtype(self.options, context)
         self.model = DalleBart.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
         self.engine = SamplerEngine(self.model, context.devices, num_slots=int(self.options.get("num_slots", 8)),
                                     chunk_steps=int(self.options.get("chunk_steps", 16)),
@@ -136,7 +147,7 @@ class VQGANDecoderStage(Stage):
         from .models.vqgan import VQGAN
 
         self.checkpoint = context.resolve(self.options["checkpoint"])
-        self.dtype = DTYPE_NAMES[self.options.get("dtype", context.dtype)]
+        self.dtype = stage_dtype(self.options, context)
         self.batch_size = int(self.options.get("batch_size", 8))
         self.vqgan = VQGAN.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
         self.vqgan.params = context.devices.place_params(self.vqgan.params)
@@ -180,7 +191,7 @@ class CLIPRankerStage(Stage):
         from .ranker import CLIPScorer
 
         self.checkpoint = context.resolve(self.options["checkpoint"])
-        self.dtype = DTYPE_NAMES[self.options.get("dtype", context.dtype)]
+        self.dtype = stage_dtype(self.options, context)
         self.scorer = CLIPScorer.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
         self.scorer.model.params = context.devices.place_params(self.scorer.model.params)
 

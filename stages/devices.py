@@ -42,6 +42,10 @@ class DeviceState:
         return list(self.mesh.devices.flat)
 
     @property
+    def platform(self) -> str:
+        return self.devices[0].platform
+
+    @property
     def data_parallel(self) -> int:
         return self.mesh.shape[DATA]
 

@@ -1,7 +1,7 @@
 """A pipeline: stages assembled from a TOML config, sharing one device state.
 
     [pipeline]
-    dtype = "float32"            # compute dtype for every stage unless a stage says otherwise
+    dtype = "auto"               # compute dtype unless a stage says otherwise: auto = bf16 on GPU/TPU, fp32 on CPU
     max_images_per_request = 16
 
     [[stages]]                   # in execution order
@@ -139,7 +139,7 @@ class Pipeline:
             stages.append(cls_(name, spec))
         check_wiring(stages)  # before any weights are loaded
         devices = devices or DeviceState.create()
-        context = StageContext(devices=devices, base_dir=path.parent, dtype=settings.get("dtype", "float32"))
+        context = StageContext(devices=devices, base_dir=path.parent, dtype=settings.get("dtype", "auto"))
         for stage in stages:
             log.info("initialising stage %s (%s)", stage.name, type(stage).__name__)
             stage.initialize(context)

@@ -220,3 +220,25 @@ def test_same_seeds_give_the_same_tokens_on_one_and_two_devices():
     assert one["tokens"] == two["tokens"]
     sharded_weights = run_on_cpu_devices(2, model_parallel=2)
     assert sharded_weights["tokens"] == one["tokens"]
+
+
+@pytest.mark.parametrize("variant", [
+    dict(force_ln_scale=True),
+    dict(tie_word_embeddings=True),
+    dict(use_final_ln_encoder=False, use_final_ln_decoder=False),
+    dict(use_glu=False, use_bias=True),  # normformer FFN with an inner norm
+    dict(ln_positions="preln", use_glu=False, use_bias=True, use_scan=False),
+    dict(scale_embedding=True),
+])
+def test_config_variants_load_and_agree_with_sampling(tmp_path, variant):
+    """Every supported flag builds the matching tree, survives save/load, and greedy sampling
+    reproduces the argmax of the teacher-forced forward."""
+    model = DalleBart.init_random(DalleBartConfig(**{**TINY, **variant}), seed=5)
+    model.save_pretrained(tmp_path)
+    loaded = DalleBart.from_pretrained(tmp_path)
+    assert ("lm_head" in loaded.params) is not variant.get("tie_word_embeddings", False)
+    p = prompt(1)
+    seq = generate(loaded, p.input_ids[None], p.attention_mask[None], p.input_ids_uncond[None],
+                   p.attention_mask_uncond[None], [SamplingParams(seed=0, top_k=1, condition_scale=1.0)])
+    logits, _ = loaded(p.input_ids[None], p.attention_mask[None], seq[:, :-1])
+    np.testing.assert_array_equal(np.asarray(logits).argmax(-1)[0], seq[0, 1:])

@@ -436,8 +436,7 @@ class DalleBart:
         params = unstack_layers(ckpt.read_params(folder), config)
         expected = jax.eval_shape(lambda: init_params(config, 0, jnp.float32))
         ckpt.check_tree(expected, params, f"DalleBart checkpoint {folder}")
-        params = ckpt.cast_params(params, dtype)
-        return cls(config, jax.tree_util.tree_map(jnp.asarray, params), source=str(ref))
+        return cls(config, ckpt.place_leaves(params, dtype), source=str(ref))
 
     @classmethod
     def init_random(cls, config: DalleBartConfig, seed: int = 0, dtype: Any = jnp.float32) -> "DalleBart":

@@ -1,0 +1,57 @@
+# Palette. Everything runs from the virtual environment at .venv, made from pyproject.toml.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PORT   ?= 50051
+PROMPT ?= a red circle in the top left corner on a blue background
+OUT    ?= out
+REF    ?= ../shared/reference
+
+.PHONY: setup demo serve test conformance proto train-default eval bench clean
+
+# The environment is rebuilt when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+# Start the server on the embedded default model set, generate ranked images for PROMPT into OUT, stop.
+demo: setup
+	@$(BIN)/palette serve --port $(PORT) --no-metrics --log-format text > $(OUT).server.log 2>&1 & pid=$$!; \
+	trap 'kill $$pid 2>/dev/null; wait $$pid 2>/dev/null' EXIT; \
+	for i in $$(seq 1 180); do \
+	  $(BIN)/palette --server 127.0.0.1:$(PORT) --timeout 2 info > /dev/null 2>&1 && break; \
+	  kill -0 $$pid 2>/dev/null || { cat $(OUT).server.log; exit 1; }; sleep 1; \
+	done; \
+	$(BIN)/palette --server 127.0.0.1:$(PORT) generate "$(PROMPT)" -n 8 --rank --seed 1 --out $(OUT)
+
+serve: setup
+	$(BIN)/palette serve --port $(PORT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# The conformance suite alone, against another reference folder of the same format.
+conformance: setup
+	PALETTE_REFERENCE_DIR=$(abspath $(REF)) $(BIN)/python -m pytest -q tests/test_conformance.py
+
+# Regenerate the committed gRPC code from protos/ (tests check it is current).
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos protos/palette/v1/palette.proto
+
+# Train the embedded default model set from scratch (about an hour on 2 CPU cores).
+train-default: setup
+	$(BIN)/python -m palette.training.cli train default --out models/default --minutes 50
+
+eval: setup
+	$(BIN)/python -m palette.training.cli eval --models models/default --grid $(OUT)/eval-grid.png
+
+bench: setup
+	$(BIN)/python bench/sampler.py
+	$(BIN)/python bench/serve.py
+
+clean:
+	rm -rf $(VENV) $(OUT) $(OUT).server.log .pytest_cache
