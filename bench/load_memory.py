@@ -33,17 +33,22 @@ from palette.stages.checkpoint import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
 from palette.stages.models.dallebart import DEC_SCANNED, ENC_SCANNED, DalleBartConfig, init_params  # noqa: E402
 
 LOADER = """
-import json, resource, sys, time
-import jax.numpy as jnp
+import json, sys, time
+import jax, jax.numpy as jnp
 from palette.stages.models.dallebart import DalleBart
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def status(field):  # kB, from /proc: VmHWM is the peak RSS, VmRSS the current one
+    return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1])
+
+# ru_maxrss would include the parent's pages at fork; reset the high-water mark instead.
+open("/proc/self/clear_refs", "w").write("5")
+base = status("VmHWM")
 t = time.perf_counter()
 model = DalleBart.from_pretrained(sys.argv[1], dtype=getattr(jnp, sys.argv[2]))
 seconds = time.perf_counter() - t
-import jax
 loaded = sum(x.nbytes for x in jax.tree_util.tree_leaves(model.params))
-print(json.dumps({"peak_rss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "import_rss_kb": base,
-                  "loaded_bytes": loaded, "seconds": seconds}))
+print(json.dumps({"peak_rss_kb": status("VmHWM"), "import_rss_kb": base, "loaded_bytes": loaded,
+                  "seconds": seconds}))
 """
 
 
@@ -88,7 +93,7 @@ def main() -> None:
     ap.add_argument("--file-dtype", default="float16", choices=["float16", "float32"])
     ap.add_argument("--dtype", default="bfloat16", help="compute dtype to load into (float32, bfloat16, float16)")
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards (and reuse one in --dir)")
     args = ap.parse_args()
 
     cfg = SIZES[args.size]
@@ -98,19 +103,24 @@ def main() -> None:
     folder = Path(args.dir or tempfile.mkdtemp(prefix=f"palette-{args.size}-"))
     try:
         t = time.perf_counter()
-        size = write_random_checkpoint(folder, config, args.file_dtype)
-        print(f"# wrote {size / 2**30:.2f} GiB ({args.file_dtype}) in {time.perf_counter() - t:.0f} s to {folder}",
+        if (folder / WEIGHTS_FILE).exists() and args.keep:
+            size = (folder / WEIGHTS_FILE).stat().st_size
+        else:
+            size = write_random_checkpoint(folder, config, args.file_dtype)
+        print(f"# have {size / 2**30:.2f} GiB ({args.file_dtype}) in {time.perf_counter() - t:.0f} s to {folder}",
               flush=True)
         out = subprocess.run([sys.executable, "-c", LOADER, str(folder), args.dtype], capture_output=True, text=True)
         if out.returncode:
             sys.exit(out.stderr[-3000:])
         r = json.loads(out.stdout.strip().splitlines()[-1])
         peak = r["peak_rss_kb"] * 1024
-        print(f"| checkpoint | file | loaded as | loaded bytes | peak RSS | peak / file | load s |")
-        print(f"|---|---|---|---|---|---|---|")
+        base = r["import_rss_kb"] * 1024
+        print("| checkpoint | file | loaded as | loaded bytes | peak RSS during load (after imports) "
+              "| (peak - imports) / file | load s |")
+        print("|---|---|---|---|---|---|---|")
         print(f"| {args.size} random, scanned | {size / 2**30:.2f} GiB {args.file_dtype} | {args.dtype} "
-              f"| {r['loaded_bytes'] / 2**30:.2f} GiB | {peak / 2**30:.2f} GiB "
-              f"(imports: {r['import_rss_kb'] / 2**20:.2f}) | {peak / size:.2f} | {r['seconds']:.0f} |")
+              f"| {r['loaded_bytes'] / 2**30:.2f} GiB | {peak / 2**30:.2f} GiB ({base / 2**30:.2f}) "
+              f"| {(peak - base) / size:.2f} | {r['seconds']:.0f} |")
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
