@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import threading
 
 from palette.stages.pipeline import Pipeline, PromptError, PromptTokens, SamplingParams
 from palette.v1 import palette_pb2 as pb
@@ -38,9 +39,15 @@ def random_seed() -> int:
     return secrets.randbelow(SEED_SPACE) + 1
 
 
+# RPC threads validate prompts concurrently; a Hugging Face fast tokenizer changes its padding and
+# truncation settings per call, so concurrent calls can get each other's padding. One at a time.
+_encode_lock = threading.Lock()
+
+
 def check_prompt(pipeline: Pipeline, prompt: str) -> PromptTokens:
     try:
-        return pipeline.encode_prompt(prompt)
+        with _encode_lock:
+            return pipeline.encode_prompt(prompt)
     except PromptError as err:
         raise InvalidArgument(str(err)) from None
 
