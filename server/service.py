@@ -287,6 +287,9 @@ class PaletteServer:
         workers = config.max_workers or config.max_queued_requests + 2 * pipeline.sampler.num_slots + 16
         self._grpc = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="palette-rpc"),
+            # Beyond this many concurrent calls gRPC itself answers RESOURCE_EXHAUSTED instead of queueing
+            # them behind busy threads (our own queue limit normally refuses work well before that).
+            maximum_concurrent_rpcs=workers,
             options=[("grpc.so_reuseport", 0),
                      ("grpc.max_receive_message_length", config.max_rank_image_bytes + 64 * 1024),
                      ("grpc.max_send_message_length", -1)])
