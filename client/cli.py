@@ -18,14 +18,19 @@ SERVER_MODULES = {"jax", "jaxlib", "flax", "numpy", "msgpack", "transformers", "
                   "unidecode", "prometheus_client", "grpc_health", "grpc_reflection", "optax", "huggingface_hub"}
 
 
-def _server_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", default=os.environ.get("PALETTE_SERVER", DEFAULT_TARGET),
-                        help="server address host:port (default: $PALETTE_SERVER or %(default)s)")
-    parser.add_argument("--timeout", type=float, default=None, help="give up after this many seconds")
+def _server_arg(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
+    """--server and --timeout, accepted before the command (`palette --server H:P info`) and after it;
+    the command's copies default to SUPPRESS so that they do not overwrite the top-level values."""
+    server_default = os.environ.get("PALETTE_SERVER", DEFAULT_TARGET) if top_level else argparse.SUPPRESS
+    timeout_default = None if top_level else argparse.SUPPRESS
+    parser.add_argument("--server", default=server_default,
+                        help=f"server address host:port (default: $PALETTE_SERVER or {DEFAULT_TARGET})")
+    parser.add_argument("--timeout", type=float, default=timeout_default, help="give up after this many seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palette", description="Text-to-image generation server and client.")
+    _server_arg(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("serve", help="run the model server (needs the server extra)")

@@ -68,6 +68,8 @@ def test_info(serve):
     assert "sampler" in result.stdout and f"{NUM_SLOTS} sampler rows" in result.stdout
     as_json = json.loads(palette("info", "--server", serve.address, "--json").stdout)
     assert as_json["limits"]["num_slots"] == NUM_SLOTS
+    before_command = palette("--server", serve.address, "--timeout", "10", "info")  # the Makefile's form
+    assert before_command.returncode == 0 and "sampler" in before_command.stdout
 
 
 def test_generate_writes_pngs_and_a_grid_then_rank_reads_them(serve, tmp_path):
