@@ -27,7 +27,7 @@ from palette.stages.text import WORD_FREQUENCY_FILENAME
 from .tokenizers import train_bart_tokenizer, train_clip_tokenizer
 
 IMAGE_SIZE = 64
-CODEBOOK_SIZE = 256
+CODEBOOK_SIZE = 512
 GRID = 8  # VQGAN f8: 64×64 image <-> 8×8 codes
 TEXT_VOCAB = 512
 MAX_TEXT_LENGTH = 32

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from palette.stages import checkpoint as ckpt
 from palette.stages.models import dallebart as DB
 from palette.stages.models.clip import CLIP, CLIPConfig, clip_loss
 from palette.stages.models.vqgan import VQGAN, VQGANConfig, VQModel
@@ -286,13 +287,21 @@ def train_vqgan(
     full_prob: float = 0.25,
     restart_every: int = 50,
     beta: float = 0.25,
+    object_weight: float = 4.0,
+    init_params: dict | None = None,
 ) -> VQGAN:
     """VQGAN on the pool's images: L1 + L2 reconstruction + codebook and commitment losses.
 
     Most steps see random `crop`-pixel crops (a quarter of a full image's cost; the networks are
     convolutional), a `full_prob` share of steps whole images. The codebook starts from encoder
     outputs, and entries that no latent picked during the last `restart_every` steps move onto
-    random latents of the current batch. Writes `<out_dir>/vqgan` in the released format.
+    random latents of the current batch. Object pixels (those that differ from the image's corner
+    pixel, which the generator always leaves background) weigh `1 + object_weight` in the
+    reconstruction loss: objects cover a few percent of an image, and without the weight the
+    codebook spends itself on backgrounds; for the same reason new and restarted codebook entries
+    are drawn mostly from latents of patches that hold object pixels. `init_params` starts from
+    another run's weights (its codebook is extended with such latents when `config.n_embed` is
+    larger). Writes `<out_dir>/vqgan` in the released format.
     """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     config = config or M.vqgan_config()
@@ -304,35 +313,62 @@ def train_vqgan(
     n, side = pool.images.shape[0], pool.images.shape[1]
     f = config.downsample_factor
     crop = min(max(f, int(crop) // f * f), side)
-    last_batch: list = [None]
+    last_batch: list = [None, None]
 
     def make_batch(step: int):
         rng = batch_rng(loop.seed, step, 1)
         idx = rng.integers(0, n, loop.batch_size)
         imgs = pool.images[idx]
+        weights = 1.0 + object_weight * np.any(imgs != imgs[:, :1, :1], axis=-1, keepdims=True)
         if crop < side and rng.random() >= full_prob:
             ys = rng.integers(0, side - crop + 1, loop.batch_size)
             xs = rng.integers(0, side - crop + 1, loop.batch_size)
             imgs = np.stack([im[y:y + crop, x:x + crop] for im, y, x in zip(imgs, ys, xs)])
+            weights = np.stack([w[y:y + crop, x:x + crop] for w, y, x in zip(weights, ys, xs)])
         last_batch[0] = jnp.asarray(imgs, jnp.float32) / 255.0
-        return (last_batch[0],)
+        last_batch[1] = weights
+        return last_batch[0], jnp.asarray(weights, jnp.float32)
 
-    def loss_fn(params, images):
+    def pick_latents(params, images, weights, k: int, rng: np.random.Generator) -> np.ndarray:
+        """`k` encoder latents of the images, three quarters from patches with object pixels."""
+        lat = np.asarray(encode_latents(params, images))
+        b, h, w, d = lat.shape
+        obj = np.asarray(weights)[..., 0].reshape(b, h, f, w, f).max(axis=(2, 4)).reshape(-1) > 1.0
+        lat = lat.reshape(-1, d)
+        objects = np.nonzero(obj)[0]
+        idx = rng.integers(0, len(lat), k)
+        if objects.size:
+            idx = np.where(rng.random(k) < 0.75, objects[rng.integers(0, objects.size, k)], idx)
+        return (lat[idx] + rng.normal(0, 1e-3, (k, d))).astype(np.float32)
+
+    def full_batch(rng: np.random.Generator, size: int = 64):
+        imgs = pool.images[rng.integers(0, n, size)]
+        weights = 1.0 + object_weight * np.any(imgs != imgs[:, :1, :1], axis=-1, keepdims=True)
+        return jnp.asarray(imgs, jnp.float32) / 255.0, weights
+
+    def loss_fn(params, images, weights):
         rec, aux = module.apply({"params": params}, images, beta, method=VQModel.forward_train)
-        l1 = jnp.mean(jnp.abs(rec - images))
-        l2 = jnp.mean((rec - images) ** 2)
+        l1 = jnp.mean(weights * jnp.abs(rec - images))
+        l2 = jnp.mean(weights * (rec - images) ** 2)
         used = jnp.zeros((config.n_embed,), jnp.int32).at[aux["indices"].reshape(-1)].add(1)
         psnr = -10.0 * jnp.log10(jnp.mean((jnp.clip(rec, 0, 1) - images) ** 2) + 1e-10)
         return l1 + l2 + aux["vq_loss"], {"l1": l1, "l2": l2, "vq": aux["vq_loss"], "psnr": psnr, "usage": used}
 
     params = vq.params
     if not (run_dir / CHECKPOINT_FILE).is_file():
-        # Codebook from encoder outputs (k-means++ style seeding without the k-means): the
-        # U(-1/n, 1/n) init sits far from the latents and most entries would never be picked.
+        # Codebook from encoder outputs: the U(-1/n, 1/n) init sits far from the latents and most
+        # entries would never be picked.
         rng = batch_rng(loop.seed, 0, 2)
-        imgs = jnp.asarray(pool.images[rng.integers(0, n, 64)], jnp.float32) / 255.0
-        lat = np.asarray(encode_latents(params, imgs)).reshape(-1, config.embed_dim)
-        params = _set_codebook(params, lat[rng.choice(len(lat), config.n_embed, replace=len(lat) < config.n_embed)])
+        if init_params is None:
+            params = _set_codebook(params, pick_latents(params, *full_batch(rng), config.n_embed, rng))
+        else:
+            params = jax.tree_util.tree_map(jnp.asarray, init_params)
+            old = np.asarray(params["quantize"]["embedding"]["embedding"])[: config.n_embed]
+            extra = config.n_embed - len(old)
+            if extra > 0:
+                old = np.concatenate([old, pick_latents(params, *full_batch(rng), extra, rng)])
+            params = _set_codebook(params, old)
+            ckpt.check_tree(VQGAN.param_shapes(config), params, "VQGAN init_params")
 
     usage = np.zeros((config.n_embed,), np.int64)
 
@@ -345,10 +381,8 @@ def train_vqgan(
         usage = np.zeros_like(usage)
         if dead.size:
             rng = batch_rng(loop.seed, state.step, 3)
-            lat = np.asarray(encode_latents(state.params, last_batch[0])).reshape(-1, config.embed_dim)
-            new = lat[rng.integers(0, len(lat), dead.size)] + rng.normal(0, 1e-3, (dead.size, lat.shape[1]))
             codebook = np.array(state.params["quantize"]["embedding"]["embedding"])
-            codebook[dead] = new.astype(np.float32)
+            codebook[dead] = pick_latents(state.params, last_batch[0], last_batch[1], dead.size, rng)
             state.params = _set_codebook(state.params, codebook)
             state.last_metrics = dict(state.last_metrics, restarted=int(dead.size))
         return state
@@ -561,11 +595,13 @@ def train_default(
     max_steps: tuple[int, int, int] = (100_000, 100_000, 100_000),
     batch_sizes: tuple[int, int, int] = (16, 32, 128),
     progress: bool = True,
+    shares: tuple[float, float, float] = BUDGET_SHARES,
 ) -> dict:
     """Train the whole default set into `out_dir` within about `time_budget_minutes`.
 
     VQGAN, then DalleBart on its codes of the pool, then CLIP (on pool images and their VQGAN
-    reconstructions). Each stops at its share of the budget (`BUDGET_SHARES`) or its step cap.
+    reconstructions). Each stops at the end of its share of the budget (`shares`, measured from
+    the start, in order) or at its step cap.
     Resumable: a finished model (its run folder holds done.json) is loaded instead of retrained,
     an unfinished one continues from its checkpoint. The set is assembled in `<run_dir>/out` and
     copied to `out_dir` only when complete, so `out_dir` never holds a half-trained mix.
@@ -578,7 +614,7 @@ def train_default(
     out_dir.mkdir(parents=True, exist_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     budget = 60.0 * float(time_budget_minutes)
-    ends = np.cumsum(BUDGET_SHARES) * budget + t0
+    ends = np.cumsum(shares) * budget + t0
     summary: dict[str, Any] = {"seed": seed, "budget_minutes": time_budget_minutes, "pool_size": pool_size}
 
     bart_vocab, clip_vocab = M.write_tokenizers(out_dir, tokenizer_corpus(seed))
@@ -598,7 +634,7 @@ def train_default(
     if is_done(vq_run):
         vq = VQGAN.from_pretrained(out_dir / "vqgan")
     else:
-        vq = train_vqgan(out_dir, vq_run, pool, loop(0, lr=1e-3, warmup=50))
+        vq = train_vqgan(out_dir, vq_run, pool, loop(0, lr=1e-3, warmup=50), full_prob=0.5)
     summary["vqgan"] = {**json.loads((vq_run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
 
     # 2. DalleBart on the codes
