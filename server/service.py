@@ -309,8 +309,7 @@ class PaletteServer:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> "PaletteServer":
-        if self.config.warmup:
-            self.batcher.warmup()
+        # Bind first, so a port in use is reported at once rather than after the warm-up.
         try:
             self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
         except RuntimeError as err:
@@ -320,6 +319,8 @@ class PaletteServer:
             raise OSError(f"cannot listen on {self.config.host}:{self.config.port} (is the port in use?)")
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
+        if self.config.warmup:
+            self.batcher.warmup()
         self.batcher.start()
         self._grpc.start()
         for name in ("", SERVICE_NAME):
