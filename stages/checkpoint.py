@@ -116,6 +116,7 @@ def read_params(model_dir: str | os.PathLike) -> dict[str, Any]:
 def place_leaves(tree: dict[str, Any], dtype: Any, put: Callable[[Any], Any] = None) -> dict[str, Any]:
     """Cast each floating leaf to `dtype` and hand it to `put` (default: jnp.asarray) one at a
     time, dropping the host copy as it goes, so host and device never both hold the whole tree."""
+    import jax
     import jax.numpy as jnp
 
     target = jnp.bfloat16 if dtype == "bfloat16" else dtype
@@ -124,11 +125,15 @@ def place_leaves(tree: dict[str, Any], dtype: Any, put: Callable[[Any], Any] = N
         value = tree.pop(key)
         if isinstance(value, Mapping):
             tree[key] = place_leaves(dict(value), dtype, put)
+        elif isinstance(value, jax.Array):  # already placed (e.g. split layers): never round-trip via the host
+            tree[key] = value
         else:
             arr = np.asarray(value)
             if np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
                 arr = arr.astype(target, copy=False)
             tree[key] = put(arr)
+            if hasattr(tree[key], "block_until_ready"):  # asynchronous transfer: let the host copy go now
+                tree[key].block_until_ready()
             del arr, value
     return tree
 

@@ -398,6 +398,39 @@ def unstack_layers(params: Params, config: DalleBartConfig) -> Params:
     return params
 
 
+def place_unstacked(params: Params, config: DalleBartConfig, dtype: Any) -> Params:
+    """Host params (either layout) -> device params in the per-layer layout, one stacked leaf at a
+    time: each is cast, split into its layers on the way to the device and dropped from the host
+    tree, so the host never holds a second copy of the model (peak ≈ loaded size + one leaf)."""
+    for side, scanned, single, count in (
+        ("encoder", ENC_SCANNED, "FlaxBartEncoderLayer", config.encoder_layers),
+        ("decoder", DEC_SCANNED, "FlaxBartDecoderLayer", config.decoder_layers),
+    ):
+        layers = params["model"][side]["layers"]
+        if scanned not in layers:
+            continue
+        stacked = layers.pop(scanned)
+        per_layer: list[dict] = [{} for _ in range(count)]
+
+        def split(node: dict, targets: list[dict]) -> None:
+            for key in list(node):
+                value = node.pop(key)
+                if isinstance(value, Mapping):
+                    subs = [t.setdefault(key, {}) for t in targets]
+                    split(dict(value), subs)
+                else:
+                    cast = ckpt.place_leaves({"x": value}, dtype, put=lambda a: a)["x"]
+                    for i, target in enumerate(targets):
+                        target[key] = jnp.array(cast[i])
+                    # Transfers are asynchronous: wait, or every host copy stays queued at once.
+                    jax.block_until_ready([t[key] for t in targets])
+                    del value, cast
+
+        split(stacked, per_layer)
+        layers.update({f"{single}_{i}": tree for i, tree in enumerate(per_layer)})
+    return ckpt.place_leaves(params, dtype)
+
+
 def stack_layers(params: Params, config: DalleBartConfig) -> Params:
     """Per-layer entries -> the scanned layout the released checkpoints use (for save_pretrained)."""
     params = {"model": dict(params["model"]), **{k: v for k, v in params.items() if k != "model"}}
@@ -433,10 +466,10 @@ class DalleBart:
         """Load `config.json` + `flax_model.msgpack` from a folder or hub id; both param layouts are accepted."""
         folder = ckpt.resolve_model_dir(ref)
         config = DalleBartConfig.from_dict(ckpt.read_config(folder))
-        params = unstack_layers(ckpt.read_params(folder), config)
+        params = ckpt.read_params(folder)
         expected = jax.eval_shape(lambda: init_params(config, 0, jnp.float32))
-        ckpt.check_tree(expected, params, f"DalleBart checkpoint {folder}")
-        return cls(config, ckpt.place_leaves(params, dtype), source=str(ref))
+        ckpt.check_tree(expected, unstack_layers(params, config), f"DalleBart checkpoint {folder}")  # views only
+        return cls(config, place_unstacked(params, config, dtype), source=str(ref))
 
     @classmethod
     def init_random(cls, config: DalleBartConfig, seed: int = 0, dtype: Any = jnp.float32) -> "DalleBart":
