@@ -117,6 +117,9 @@ class SamplerEngine:
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
         self._admit = jax.jit(self._admit_fn, donate_argnums=0, out_shardings=shardings)
         self._chunk = jax.jit(self._chunk_fn, static_argnums=(2, 3), donate_argnums=0, out_shardings=shardings)
+        # A fixed-shape mask keeps release to one compilation and the state's placement unchanged.
+        self._release = jax.jit(lambda state, mask: dict(state, done=state["done"] | mask), donate_argnums=0,
+                                out_shardings=shardings)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -276,11 +279,14 @@ class SamplerEngine:
 
     def release(self, slots: Sequence[int]) -> None:
         """Free slots (finished or cancelled); a freed slot stops counting at the next step."""
+        if not len(slots):
+            return
         self._occupied[list(slots)] = False
         # Unoccupied rows still flow through the batched forward, but as `done` rows they
-        # never write tokens; marking them done here keeps the device state honest.
-        if len(slots):
-            self.state["done"] = self.state["done"].at[np.asarray(list(slots))].set(True)
+        # never write tokens; a cancelled row must stop at once.
+        mask = np.zeros(self.num_slots, bool)
+        mask[list(slots)] = True
+        self.state = self._release(self.state, mask)
 
     def run(self, prompts: Sequence[PromptTokens], params: Sequence[SamplingParams]) -> Iterator[list[SlotProgress]]:
         """Admit everything that fits, step until all are finished, yielding progress after each chunk."""

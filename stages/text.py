@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import threading
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -303,6 +304,9 @@ class DalleBartTextProcessor:
         if max_text_length < 2:
             raise ValueError(f"max_text_length must be >= 2 (room for <s> and </s>), got {max_text_length}")
         self.tokenizer = tokenizer
+        # A fast tokenizer's padding/truncation settings are per-object state that each call
+        # rewrites; concurrent callers (server threads) must not interleave.
+        self._lock = threading.Lock()
         self.max_text_length = int(max_text_length)
         self.normalize_text = bool(normalize_text)
         self.normalizer = (normalizer or TextNormalizer()) if self.normalize_text else None
@@ -343,10 +347,13 @@ class DalleBartTextProcessor:
 
     def token_count(self, prompt: str) -> int:
         """Tokens of the prompt including `<s>` and `</s>`, before truncation to max_text_length."""
-        return len(self.tokenizer(self.normalize(prompt))["input_ids"])
+        text = self.normalize(prompt)
+        with self._lock:
+            return len(self.tokenizer(text, verbose=False)["input_ids"])
 
     def _encode(self, texts: list[str]) -> dict[str, np.ndarray]:
-        enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_length)
+        with self._lock:
+            enc = self.tokenizer(texts, padding="max_length", truncation=True, max_length=self.max_text_length)
         return {name: np.asarray(enc[name], dtype=np.int32) for name in ("input_ids", "attention_mask")}
 
     def __call__(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
