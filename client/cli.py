@@ -1,4 +1,4 @@
-"""The `palette` command: serve, generate, rank, info."""
+"""The `palette` command: serve, generate, rank, info; train and eval hand over to palette.training."""
 
 from __future__ import annotations
 
@@ -29,7 +29,10 @@ def _server_arg(parser: argparse.ArgumentParser, top_level: bool = False) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="palette", description="Text-to-image generation server and client.")
+    parser = argparse.ArgumentParser(
+        prog="palette", description="Text-to-image generation server and client.",
+        epilog="Also: `palette train default|vqgan|dallebart|clip ...` and `palette eval ...` (the training side; "
+               "see `palette train --help`).")
     _server_arg(parser, top_level=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -81,7 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAINING_COMMANDS = ("train", "eval")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        # Training has its own parser and needs the server extra (jax, optax); imported only here.
+        try:
+            from palette.training.cli import main as training_main
+        except ModuleNotFoundError as err:
+            if (err.name or "").split(".")[0] in SERVER_MODULES:
+                print(f"palette: error: missing module {err.name!r}.\n{SERVER_EXTRA_HINT}", file=sys.stderr)
+                return 2
+            raise
+        return training_main(argv)
     args = build_parser().parse_args(argv)
     try:
         return {"serve": cmd_serve, "generate": cmd_generate, "rank": cmd_rank, "info": cmd_info}[args.command](args)
