@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sampler import SIZES  # noqa: E402
 
 from palette.stages.checkpoint import CONFIG_FILE, WEIGHTS_FILE  # noqa: E402
-from palette.stages.models.dallebart import DEC_SCANNED, ENC_SCANNED, DalleBartConfig, init_params  # noqa: E402
+from palette.stages.models.dallebart import DalleBartConfig, init_params, layer_groups  # noqa: E402
 
 LOADER = """
 import json, sys, time
@@ -55,8 +55,7 @@ print(json.dumps({"peak_rss_kb": status("VmHWM"), "import_rss_kb": base, "loaded
 def scanned_shapes(config: DalleBartConfig) -> dict:
     """The released (scanned) parameter layout, as a tree of shapes."""
     shapes = jax.tree_util.tree_map(lambda s: tuple(s.shape), jax.eval_shape(lambda: init_params(config)))
-    for side, scanned, single, count in (("encoder", ENC_SCANNED, "FlaxBartEncoderLayer", config.encoder_layers),
-                                          ("decoder", DEC_SCANNED, "FlaxBartDecoderLayer", config.decoder_layers)):
+    for side, scanned, single, count in layer_groups(config):
         layer = shapes["model"][side]["layers"][f"{single}_0"]
         shapes["model"][side]["layers"] = {
             scanned: jax.tree_util.tree_map(lambda s: (count, *s), layer, is_leaf=lambda x: isinstance(x, tuple))}

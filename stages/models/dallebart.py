@@ -382,13 +382,16 @@ def init_params(config: DalleBartConfig, seed: int = 0, dtype=jnp.float32) -> Pa
     return params
 
 
+def layer_groups(config: DalleBartConfig) -> tuple[tuple[str, str, str, int], ...]:
+    """(side, scanned subtree name, per-layer name prefix, layer count) for encoder and decoder."""
+    return (("encoder", ENC_SCANNED, "FlaxBartEncoderLayer", config.encoder_layers),
+            ("decoder", DEC_SCANNED, "FlaxBartDecoderLayer", config.decoder_layers))
+
+
 def unstack_layers(params: Params, config: DalleBartConfig) -> Params:
     """Scanned layout (`layers/FlaxBart*Layers/...` with a leading layer axis) -> per-layer entries."""
     params = {"model": dict(params["model"]), **{k: v for k, v in params.items() if k != "model"}}
-    for side, scanned, single, count in (
-        ("encoder", ENC_SCANNED, "FlaxBartEncoderLayer", config.encoder_layers),
-        ("decoder", DEC_SCANNED, "FlaxBartDecoderLayer", config.decoder_layers),
-    ):
+    for side, scanned, single, count in layer_groups(config):
         part = dict(params["model"][side])
         layers = part.get("layers", {})
         if scanned in layers:
@@ -402,10 +405,7 @@ def place_unstacked(params: Params, config: DalleBartConfig, dtype: Any) -> Para
     """Host params (either layout) -> device params in the per-layer layout, one stacked leaf at a
     time: each is cast, split into its layers on the way to the device and dropped from the host
     tree, so the host never holds a second copy of the model (peak ≈ loaded size + one leaf)."""
-    for side, scanned, single, count in (
-        ("encoder", ENC_SCANNED, "FlaxBartEncoderLayer", config.encoder_layers),
-        ("decoder", DEC_SCANNED, "FlaxBartDecoderLayer", config.decoder_layers),
-    ):
+    for side, scanned, single, count in layer_groups(config):
         layers = params["model"][side]["layers"]
         if scanned not in layers:
             continue
@@ -434,10 +434,7 @@ def place_unstacked(params: Params, config: DalleBartConfig, dtype: Any) -> Para
 def stack_layers(params: Params, config: DalleBartConfig) -> Params:
     """Per-layer entries -> the scanned layout the released checkpoints use (for save_pretrained)."""
     params = {"model": dict(params["model"]), **{k: v for k, v in params.items() if k != "model"}}
-    for side, scanned, single, count in (
-        ("encoder", ENC_SCANNED, "FlaxBartEncoderLayer", config.encoder_layers),
-        ("decoder", DEC_SCANNED, "FlaxBartDecoderLayer", config.decoder_layers),
-    ):
+    for side, scanned, single, count in layer_groups(config):
         part = dict(params["model"][side])
         layers = [part["layers"][f"{single}_{i}"] for i in range(count)]
         part["layers"] = {scanned: jax.tree_util.tree_map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *layers)}
