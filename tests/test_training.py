@@ -144,6 +144,20 @@ def test_vqgan_trainer_lowers_loss_and_round_trips(tmp_path, pool):
     assert T.is_done(tmp_path / "run")
 
 
+def test_decoder_finetune_keeps_encoder_and_codebook(tmp_path, pool):
+    vq = VQGAN.init_random(tiny_vqgan_config(), 0)
+    codes = T.encode_pool(vq, pool.images, batch_size=16)
+    loop = T.LoopConfig(steps=20, batch_size=8, lr=2e-3, warmup=2, log_every=1, checkpoint_every=10, progress=False)
+    tuned = T.finetune_vqgan_decoder(tmp_path / "set", tmp_path / "run", vq, pool, codes, loop, crop_codes=4)
+    losses = _losses(tmp_path / "run")
+    assert np.mean(losses[-4:]) < np.mean(losses[:4])
+    for frozen in ("encoder", "quant_conv", "quantize"):
+        assert _leaves_equal(tuned.params[frozen], vq.params[frozen])
+    assert not _leaves_equal(tuned.params["decoder"], vq.params["decoder"])
+    np.testing.assert_array_equal(T.encode_pool(tuned, pool.images, batch_size=16), codes)
+    assert _leaves_equal(VQGAN.from_pretrained(tmp_path / "set" / "vqgan").params, tuned.params)
+
+
 def tiny_dallebart_config(vocab: int) -> DB.DalleBartConfig:
     return DB.DalleBartConfig(
         encoder_vocab_size=vocab, image_vocab_size=16, image_length=16, max_text_length=M.MAX_TEXT_LENGTH,

@@ -394,6 +394,61 @@ def train_vqgan(
     return vq
 
 
+def finetune_vqgan_decoder(
+    out_dir: str | Path,
+    run_dir: str | Path,
+    vq: VQGAN,
+    pool: Pool,
+    codes: np.ndarray,
+    loop: LoopConfig,
+    crop_codes: int = 4,
+    full_prob: float = 0.5,
+    object_weight: float = 4.0,
+) -> VQGAN:
+    """Train only the decoder side (post_quant_conv + decoder) on fixed codes of the pool.
+
+    The encoder and codebook stay as they are, so every code sequence DalleBart learnt keeps
+    its meaning; the decoder just learns to draw the codes more sharply. Same loss as
+    `train_vqgan` (object-weighted L1 + L2), on whole code grids or `crop_codes`-wide crops of
+    them. Writes `<out_dir>/vqgan`.
+    """
+    out_dir, run_dir = Path(out_dir), Path(run_dir)
+    config, module = vq.config, vq.module
+    frozen = {k: v for k, v in vq.params.items() if k not in ("decoder", "post_quant_conv")}
+    trainable = {k: vq.params[k] for k in ("decoder", "post_quant_conv")}
+    n, side = pool.images.shape[0], pool.images.shape[1]
+    f, grid = config.downsample_factor, config.latent_size
+    codes = np.asarray(codes, np.int32).reshape(n, grid, grid)
+
+    def make_batch(step: int):
+        rng = batch_rng(loop.seed, step, 6)
+        idx = rng.integers(0, n, loop.batch_size)
+        imgs, c = pool.images[idx], codes[idx]
+        weights = 1.0 + object_weight * np.any(imgs != imgs[:, :1, :1], axis=-1, keepdims=True)
+        if crop_codes < grid and rng.random() >= full_prob:
+            ys = rng.integers(0, grid - crop_codes + 1, loop.batch_size)
+            xs = rng.integers(0, grid - crop_codes + 1, loop.batch_size)
+            k = crop_codes
+            c = np.stack([cc[y:y + k, x:x + k] for cc, y, x in zip(c, ys, xs)])
+            imgs = np.stack([im[y * f:(y + k) * f, x * f:(x + k) * f] for im, y, x in zip(imgs, ys, xs)])
+            weights = np.stack([w[y * f:(y + k) * f, x * f:(x + k) * f] for w, y, x in zip(weights, ys, xs)])
+        return (jnp.asarray(c.reshape(len(c), -1)), jnp.asarray(imgs, jnp.float32) / 255.0,
+                jnp.asarray(weights, jnp.float32))
+
+    def loss_fn(params, c, images, weights):
+        rec = module.apply({"params": {**frozen, **params}}, c, method=VQModel.decode_code).astype(jnp.float32)
+        l1 = jnp.mean(weights * jnp.abs(rec - images))
+        l2 = jnp.mean(weights * (rec - images) ** 2)
+        psnr = -10.0 * jnp.log10(jnp.mean((jnp.clip(rec, 0, 1) - images) ** 2) + 1e-10)
+        return l1 + l2, {"l1": l1, "l2": l2, "psnr": psnr}
+
+    state = run_loop("vqgan-decoder", run_dir, trainable, loss_fn, make_batch, loop)
+    vq = VQGAN(config, {**frozen, **state.params})
+    vq.save_pretrained(out_dir / "vqgan")
+    _mark_done(run_dir, {"step": state.step, "total_steps": state.total_steps, **state.last_metrics})
+    return vq
+
+
 def encode_pool(vq: VQGAN, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """int32 [N, latent_size**2] VQGAN codes of uint8 images (batches padded to one shape)."""
     out = []
