@@ -10,7 +10,8 @@ loop (`run_loop`) that gives every model the same guarantees:
 * a tqdm bar with loss and throughput, and metrics appended as JSON lines to
   `<run_dir>/metrics.jsonl`;
 * stops after `steps` steps or `minutes` of wall time, whichever comes first (with a time
-  limit, the learning-rate schedule is fitted to the number of steps the measured speed allows).
+  limit, the learning-rate schedule is fitted, and re-fitted as the speed drifts, to the number
+  of steps the measured speed allows).
 
 The results are written in the released formats (`save_pretrained`) into the
 model-set folder laid out by `model_set`: `vqgan/`, `dallebart/`, `clip/`, `pipeline.toml`.
@@ -45,6 +46,7 @@ from . import shapes as S
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.msgpack"
+REFIT_EVERY = 100  # steps between re-fits of a time-limited schedule
 METRICS_FILE = "metrics.jsonl"
 DONE_FILE = "done.json"
 
@@ -167,7 +169,6 @@ def run_loop(
     start, start_step = time.monotonic(), state.step
     deadline = None if cfg.minutes is None else start + 60.0 * cfg.minutes
     probe_step = probe_t = None
-    fitted = resumed is not None or deadline is None
     bar = None
     if cfg.progress:
         from tqdm import tqdm
@@ -185,21 +186,27 @@ def run_loop(
         if hook is not None:
             state = hook(state, metrics)
         window_n += 1
-        if not fitted:
-            # Fit the schedule to the steps the measured speed allows (after compilation).
-            if state.step - start_step == 5:
+        if deadline is not None:
+            # Fit the schedule to the steps the measured speed allows: first after a few compiled
+            # steps, then every `REFIT_EVERY` steps on the recent speed (the machine is shared, so
+            # the speed drifts), so the learning rate has decayed when time runs out.
+            done_here = state.step - start_step
+            if done_here == 5:
                 jax.block_until_ready(state.params)
                 probe_step, probe_t = state.step, time.monotonic()
-            elif probe_step is not None and state.step - probe_step >= 15:
+            elif probe_step is not None and state.step - probe_step >= (15 if done_here < REFIT_EVERY else REFIT_EVERY):
                 jax.block_until_ready(state.params)
-                per_step = (time.monotonic() - probe_t) / (state.step - probe_step)
-                left = max(0.0, deadline - time.monotonic())
-                state.total_steps = max(state.step + 1, min(cfg.steps, state.step + int(0.97 * left / per_step)))
-                fitted = True
-                if bar is not None:
-                    bar.total = state.total_steps
-                    bar.refresh()
-                log.info("%s: %.2f s/step, schedule fitted to %d steps", name, per_step, state.total_steps)
+                now = time.monotonic()
+                per_step = (now - probe_t) / (state.step - probe_step)
+                left = max(0.0, deadline - now)
+                total = max(state.step + 1, min(cfg.steps, state.step + int(0.97 * left / per_step)))
+                if total != state.total_steps:
+                    state.total_steps = total
+                    if bar is not None:
+                        bar.total = total
+                        bar.refresh()
+                    log.info("%s: %.2f s/step, schedule fitted to %d steps", name, per_step, total)
+                probe_step, probe_t = state.step, now
         if state.step % cfg.log_every == 0 or state.step == state.total_steps:
             host = jax.device_get(metrics)
             last = {k: float(v) for k, v in host.items() if np.ndim(v) == 0}
@@ -633,8 +640,9 @@ def train_clip(
 
 # --------------------------------------------------------------------------- the default set
 
-#: Shares of the time budget: VQGAN, DalleBart, CLIP (the rest of the budget is data, encoding, saving).
-BUDGET_SHARES = (0.38, 0.44, 0.12)
+#: Shares of the time budget, in order: VQGAN, VQGAN decoder fine-tuning, DalleBart, CLIP
+#: (the rest is data, encoding and saving).
+BUDGET_SHARES = (0.40, 0.12, 0.32, 0.12)
 
 
 def _minutes_until(t: float) -> float:
@@ -646,20 +654,20 @@ def train_default(
     time_budget_minutes: float = 50.0,
     seed: int = 0,
     run_dir: str | Path | None = None,
-    pool_size: int = 6000,
-    max_steps: tuple[int, int, int] = (100_000, 100_000, 100_000),
-    batch_sizes: tuple[int, int, int] = (16, 32, 128),
+    pool_size: int = 8000,
+    max_steps: tuple[int, int, int, int] = (100_000, 100_000, 100_000, 100_000),
+    batch_sizes: tuple[int, int, int, int] = (16, 16, 32, 128),
     progress: bool = True,
-    shares: tuple[float, float, float] = BUDGET_SHARES,
+    shares: tuple[float, float, float, float] = BUDGET_SHARES,
 ) -> dict:
     """Train the whole default set into `out_dir` within about `time_budget_minutes`.
 
-    VQGAN, then DalleBart on its codes of the pool, then CLIP (on pool images and their VQGAN
-    reconstructions). Each stops at the end of its share of the budget (`shares`, measured from
-    the start, in order) or at its step cap.
-    Resumable: a finished model (its run folder holds done.json) is loaded instead of retrained,
-    an unfinished one continues from its checkpoint. The set is assembled in `<run_dir>/out` and
-    copied to `out_dir` only when complete, so `out_dir` never holds a half-trained mix.
+    VQGAN; its codes of the pool; the VQGAN decoder fine-tuned on those fixed codes; DalleBart
+    on the codes; CLIP on pool images and their VQGAN reconstructions. Each phase stops at the
+    end of its share of the budget (`shares`, cumulative from the start) or at its step cap.
+    Resumable: a finished phase (its run folder holds done.json) is skipped, an unfinished one
+    continues from its checkpoint. The set is assembled in `<run_dir>/out` and copied to
+    `out_dir` only when complete, so `out_dir` never holds a half-trained mix.
     Returns a summary (also written to `<run_dir>/summary.json`).
     """
     t0 = time.monotonic()
@@ -683,16 +691,18 @@ def train_default(
         base.update(kw)
         return LoopConfig(**base)
 
-    # 1. VQGAN
-    vq_run = run_dir / "vqgan"
-    t = time.monotonic()
-    if is_done(vq_run):
-        vq = VQGAN.from_pretrained(out_dir / "vqgan")
-    else:
-        vq = train_vqgan(out_dir, vq_run, pool, loop(0, lr=1e-3, warmup=50), full_prob=0.5)
-    summary["vqgan"] = {**json.loads((vq_run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
+    def phase(name: str, run: Path, train: Callable[[], Any]) -> None:
+        t = time.monotonic()
+        if not is_done(run):
+            train()
+        summary[name] = {**json.loads((run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
 
-    # 2. DalleBart on the codes
+    # 1. VQGAN
+    phase("vqgan", run_dir / "vqgan",
+          lambda: train_vqgan(out_dir, run_dir / "vqgan", pool, loop(0, lr=1e-3, warmup=50), full_prob=0.5))
+    vq = VQGAN.from_pretrained(out_dir / "vqgan")
+
+    # 2. its codes of the pool, and the decoder fine-tuned on them (codes unchanged)
     codes_path = run_dir / "codes.npy"
     if codes_path.is_file():
         codes = np.load(codes_path)
@@ -700,25 +710,27 @@ def train_default(
         codes = encode_pool(vq, pool.images)
         np.save(codes_path, codes)
     summary["codes_used"] = int(len(np.unique(codes)))
-    bart_run = run_dir / "dallebart"
-    t = time.monotonic()
-    if not is_done(bart_run):
-        train_dallebart(out_dir, bart_run, pool, codes, loop(1, lr=2e-3, warmup=100), M.dallebart_config(bart_vocab))
-    summary["dallebart"] = {**json.loads((bart_run / DONE_FILE).read_text()),
-                            "minutes": round((time.monotonic() - t) / 60, 2)}
+    phase("vqgan_decoder", run_dir / "vqgan-decoder",
+          lambda: finetune_vqgan_decoder(out_dir, run_dir / "vqgan-decoder", vq, pool, codes,
+                                         loop(1, lr=5e-4, warmup=20)))
+    vq = VQGAN.from_pretrained(out_dir / "vqgan")
 
-    # 3. CLIP, on originals and VQGAN reconstructions
-    clip_run = run_dir / "clip"
-    t = time.monotonic()
-    if not is_done(clip_run):
-        n_recon = min(len(pool), 2000)
-        recon = decode_codes(vq, codes[:n_recon])
-        train_clip(out_dir, clip_run, pool, loop(2, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon)
-    summary["clip"] = {**json.loads((clip_run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
+    # 3. DalleBart on the codes
+    phase("dallebart", run_dir / "dallebart",
+          lambda: train_dallebart(out_dir, run_dir / "dallebart", pool, codes, loop(2, lr=2e-3, warmup=100),
+                                  M.dallebart_config(bart_vocab)))
+
+    # 4. CLIP, on originals and VQGAN reconstructions
+    def clip_phase():
+        recon = decode_codes(vq, codes[: min(len(pool), 2000)])
+        train_clip(out_dir, run_dir / "clip", pool, loop(3, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon)
+
+    phase("clip", run_dir / "clip", clip_phase)
 
     summary["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
     description = (f"trained by `palette train default` (seed {seed}, {summary['total_minutes']} min on this machine; "
-                   f"VQGAN {summary['vqgan']['step']} steps, DalleBart {summary['dallebart']['step']} steps, "
+                   f"VQGAN {summary['vqgan']['step']} steps + decoder {summary['vqgan_decoder']['step']} steps, "
+                   f"DalleBart {summary['dallebart']['step']} steps, "
                    f"CLIP {summary['clip']['step']} steps)")
     M.write_pipeline_config(out_dir, description)
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
