@@ -63,7 +63,32 @@ class Limits:
     image_size: tuple[int, int]  # (height, width)
 
 
-PIPELINE_SETTINGS = ("dtype", "max_images_per_request")
+PIPELINE_SETTINGS = ("dtype", "max_images_per_request", "model_parallel")
+
+
+def _model_parallel(settings: dict[str, Any], stages: Sequence[Stage], base_dir: Path) -> int:
+    """`model_parallel` from the config: a number, or "auto" (default): 1 while a replica of every
+    stage's weights fits one device, else the smallest split over the local devices that fits."""
+    import jax
+
+    wanted = settings.get("model_parallel", "auto")
+    if wanted != "auto":
+        return int(wanted)
+    count = jax.local_device_count()
+    stats = jax.local_devices()[0].memory_stats() or {}
+    limit = stats.get("bytes_limit")
+    if count == 1 or not limit:
+        return 1  # CPU reports no limit: weights live in host memory
+    weights = 0
+    for stage in stages:
+        ref = stage.options.get("checkpoint")
+        weights_file = (base_dir / ref / "flax_model.msgpack") if ref else None
+        if weights_file and weights_file.is_file():
+            weights += weights_file.stat().st_size
+    for split in (n for n in range(1, count + 1) if count % n == 0):
+        if weights / split < 0.6 * limit:  # room left for activations and the decode caches
+            return split
+    return count
 
 
 def check_wiring(stages: Sequence[Stage]) -> None:
@@ -138,7 +163,7 @@ class Pipeline:
             spec.update({k: v for k, v in overrides.items() if k in spec or k in cls_.tunable})
             stages.append(cls_(name, spec))
         check_wiring(stages)  # before any weights are loaded
-        devices = devices or DeviceState.create()
+        devices = devices or DeviceState.create(model_parallel=_model_parallel(settings, stages, path.parent))
         context = StageContext(devices=devices, base_dir=path.parent, dtype=settings.get("dtype", "auto"))
         for stage in stages:
             log.info("initialising stage %s (%s)", stage.name, type(stage).__name__)
