@@ -114,6 +114,7 @@ def evaluate(
     grid_rows: int = 6,
     seed: int = 0,
     progress: bool = True,
+    condition_scale: float | None = None,
 ) -> dict[str, Any]:
     """The evaluation table as a dict: {kind: {psnr, retrieval, random: {attr: acc}, clip_top1: {...}}, ...}."""
     from palette.stages.models.vqgan import VQGAN
@@ -126,7 +127,9 @@ def evaluate(
     pipeline = Pipeline.load(models / "pipeline.toml")
     vq = VQGAN.from_pretrained(models / "vqgan")
     scorer = CLIPScorer.from_pretrained(models / "clip")
-    results: dict[str, Any] = {"models": str(models), "n": n, "candidates": candidates, "seed": seed}
+    scale = {} if condition_scale is None else {"condition_scale": float(condition_scale)}
+    results: dict[str, Any] = {"models": str(models), "n": n, "candidates": candidates, "seed": seed,
+                               "condition_scale": SamplingParams(seed=0, **scale).condition_scale}
     grid: list[tuple[str, np.ndarray, list[np.ndarray]]] = []
     bar = None
     if progress:
@@ -138,7 +141,8 @@ def evaluate(
         truth = np.stack([S.render(p.scene) for p in prompts])
         random_scores, top_scores = [], []
         for i, p in enumerate(prompts):
-            params = [SamplingParams(seed=seed * 1_000_003 + k_i * 100_000 + i * candidates + j) for j in range(candidates)]
+            params = [SamplingParams(seed=seed * 1_000_003 + k_i * 100_000 + i * candidates + j, **scale)
+                      for j in range(candidates)]
             items = pipeline.run(p.prompt, params, rank=True)
             images = [np.asarray(it["image"].convert("RGB")) for it in items]
             scores = np.asarray([float(it["score"]) for it in items])
@@ -183,8 +187,8 @@ def markdown_table(results: dict[str, Any]) -> str:
                  + " | ".join(f"{100 * results[k]['retrieval']:.1f} %" for k in KINDS) + " |")
     n = results.get("n")
     lines.append("")
-    lines.append(f"{n} single-object prompts per set, {c} candidates each; attributes read by "
-                 f"`palette.training.analyse`.")
+    lines.append(f"{n} single-object prompts per set, {c} candidates each (condition scale "
+                 f"{results.get('condition_scale', 10.0):g}); attributes read by `palette.training.analyse`.")
     return "\n".join(lines)
 
 
@@ -218,8 +222,9 @@ def save_grid(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: str | 
     return path
 
 
-def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed: int = 0) -> dict[str, Any]:
-    results = evaluate(models, n=n, grid_path=grid, seed=seed)
+def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed: int = 0,
+              condition_scale: float | None = None) -> dict[str, Any]:
+    results = evaluate(models, n=n, grid_path=grid, seed=seed, condition_scale=condition_scale)
     print(results["table"])
     if grid:
         print(f"\ngrid: {grid}")
