@@ -499,6 +499,7 @@ def train_dallebart(
     loop: LoopConfig,
     config: DB.DalleBartConfig,
     text_dropout: float = 0.15,
+    init_params: Any = None,
 ) -> DB.DalleBart:
     """DalleBart on (caption, VQGAN codes): the dalle-mini recipe.
 
@@ -506,14 +507,15 @@ def train_dallebart(
     sees exactly what serving feeds it), the decoder predicts the image codes from
     [decoder_start] + codes[:-1] with cross-entropy. A `text_dropout` share of the rows get
     the empty prompt instead (the unconditional row super conditioning uses).
-    Needs `<out_dir>/dallebart` to hold the tokenizer; writes the weights there.
+    Needs `<out_dir>/dallebart` to hold the tokenizer; writes the weights there. `init_params`
+    (run-time layout, e.g. `DalleBart.from_pretrained(...).params`) continues from another run.
     """
     from palette.stages.text import DalleBartTextProcessor
 
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     write_dallebart_config(out_dir, config)
     processor = DalleBartTextProcessor.from_pretrained(out_dir / "dallebart")
-    params = DB.init_params(config, loop.seed)
+    params = DB.init_params(config, loop.seed) if init_params is None else init_params
     n, b = len(pool), loop.batch_size
     codes = np.asarray(codes, np.int32)
     start = np.full((b, 1), config.decoder_start_token_id, np.int32)
