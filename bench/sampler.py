@@ -13,6 +13,11 @@ call), and the table prints the ratios.
     .venv/bin/python bench/sampler.py --sizes tiny --no-peer
     .venv/bin/python bench/sampler.py --steps 64            # time 64 steps per call, extrapolate to 256
 
+On a shared machine, pin both to one core so neither is disturbed, with one thread each:
+
+    XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        taskset -c 1 .venv/bin/python bench/sampler.py --peer-threads 1 --peer-quiet-wait 0
+
 Figures are printed, never asserted: absolute seconds drift between runs and
 machines, ratios measured in one run do not.
 """
@@ -108,7 +113,8 @@ def bench_palette(size: str, images: int, steps: int, runs: int, dtype) -> dict:
                 admit_ms=best["admit_ms"], build_s=build_s)
 
 
-def run_peer(sizes: list[str], images: list[int], steps: int, runs: int) -> list[dict]:
+def run_peer(sizes: list[str], images: list[int], steps: int, runs: int, threads: int,
+             quiet_wait: float) -> list[dict]:
     """min-dalle through ../shared/bench/peers.py in its own venv (.bench-venv, made by setup.sh)."""
     venv = REPO / ".bench-venv"
     python = subprocess.run(["bash", str(PEER_DIR / "setup.sh"), str(venv)], capture_output=True, text=True,
@@ -116,7 +122,9 @@ def run_peer(sizes: list[str], images: list[int], steps: int, runs: int) -> list
     out = Path(tempfile.mkdtemp()) / "peers.json"
     cmd = [python, str(PEER_DIR / "peers.py"), "--models", ",".join(PEER_SIZE_NAMES[s] for s in sizes),
            "--images", ",".join(str(n) for n in images), "--runs", str(runs), "--steps", str(steps),
-           "--detok", "", "--json", str(out), "--quiet-wait", "60"]
+           "--detok", "", "--json", str(out), "--quiet-wait", str(quiet_wait), "--threads", str(threads)]
+    if quiet_wait == 0:  # pinned to a core of its own: other cores' load is not a disturbance
+        cmd += ["--max-extra", "0"]
     print("# peer:", " ".join(cmd), flush=True)
     subprocess.run(cmd, cwd=PEER_DIR, check=True, stdout=sys.stderr)
     return json.loads(out.read_text())["rows"]
@@ -131,6 +139,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-threads", type=int, default=2, help="torch threads for min-dalle (match XLA's)")
+    ap.add_argument("--peer-quiet-wait", type=float, default=60,
+                    help="seconds the peer harness waits for a quiet machine (0 when pinned to its own core)")
     args = ap.parse_args()
     sizes = [s for s in args.sizes.split(",") if s]
     dtype = jnp.bfloat16 if args.dtype == "bfloat16" else jnp.float32
@@ -144,7 +155,7 @@ def main() -> None:
             print(f"# palette {size} x{n}: {row['s_per_image_min']:.3f} s/image, {row['step_ms']:.1f} ms/step",
                   flush=True)
     peer = [] if args.no_peer else run_peer(sizes, [int(x) for x in args.peer_images.split(",")], args.steps,
-                                            args.runs)
+                                            args.runs, args.peer_threads, args.peer_quiet_wait)
 
     print()
     print("| size | who | images/call | s per image (best / median) | image tokens/s | ms per step | vs min-dalle 1/call | vs min-dalle best batch |")
