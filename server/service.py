@@ -259,7 +259,9 @@ class PaletteServicer(pb_grpc.PaletteServicer):
                     image_width=width, image_height=height,
                     max_queued_requests=self.config.max_queued_requests, max_rank_images=self.config.max_rank_images,
                     max_rank_image_bytes=self.config.max_rank_image_bytes,
-                    max_rank_image_pixels=self.config.max_rank_image_pixels))
+                    max_rank_image_pixels=self.config.max_rank_image_pixels,
+                    max_top_k=self.pipeline.sampler.max_top_k,
+                    default_condition_scale=self.pipeline.default_condition_scale))
         except Exception:  # noqa: BLE001
             call.internal()
             return pb.ModelInfo()

@@ -16,7 +16,6 @@ from .images import FORMATS
 SEED_SPACE = 2**32 - 1  # seeds are 1..2^32-1; 0 on the wire means "choose one"
 DEFAULT_TOP_P = 1.0
 DEFAULT_TEMPERATURE = 1.0
-DEFAULT_CONDITION_SCALE = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,15 +58,15 @@ def parse_generate(request: pb.GenerateRequest, pipeline: Pipeline) -> GenerateS
     num_images = request.num_images if request.HasField("num_images") else 1
     if not 1 <= num_images <= limits.max_images_per_request:
         problems.append(f"num_images must be 1..{limits.max_images_per_request}, got {num_images}")
-    if request.top_k < 0:
-        problems.append(f"top_k must be >= 0 (0 = the model default), got {request.top_k}")
+    if not 0 <= request.top_k <= pipeline.sampler.max_top_k:
+        problems.append(f"top_k must be 0..{pipeline.sampler.max_top_k} (0 = the model default), got {request.top_k}")
     top_p = request.top_p if request.HasField("top_p") else DEFAULT_TOP_P
     if not 0.0 < top_p <= 1.0:  # also refuses NaN
         problems.append(f"top_p must be in (0, 1], got {top_p:g}")
     temperature = request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE
     if not (temperature > 0.0 and math.isfinite(temperature)):
         problems.append(f"temperature must be a finite number > 0, got {temperature:g}")
-    scale = request.condition_scale if request.HasField("condition_scale") else DEFAULT_CONDITION_SCALE
+    scale = request.condition_scale if request.HasField("condition_scale") else pipeline.default_condition_scale
     if not math.isfinite(scale):
         problems.append(f"condition_scale must be a finite number, got {scale:g}")
     if request.format not in FORMATS:

@@ -3,6 +3,7 @@
     [pipeline]
     dtype = "auto"               # compute dtype unless a stage says otherwise: auto = bf16 on GPU/TPU, fp32 on CPU
     max_images_per_request = 16
+    condition_scale = 10.0       # used when a request leaves it unset
 
     [[stages]]                   # in execution order
     name = "text"
@@ -63,7 +64,8 @@ class Limits:
     image_size: tuple[int, int]  # (height, width)
 
 
-PIPELINE_SETTINGS = ("dtype", "max_images_per_request", "model_parallel")
+PIPELINE_SETTINGS = ("dtype", "max_images_per_request", "model_parallel", "condition_scale")
+DEFAULT_CONDITION_SCALE = 10.0  # DALL·E Mini's; a pipeline may set its own under [pipeline]
 
 
 def _model_parallel(settings: dict[str, Any], stages: Sequence[Stage], base_dir: Path) -> int:
@@ -118,6 +120,8 @@ class Pipeline:
         self.image_stages = [s for s in self.stages if s.consumes == (IMAGE,) and s.produces == (IMAGE,)]
         rankers = [s for s in self.stages if SCORE in s.produces]
         self.ranker = rankers[0] if rankers else None
+        # Used when a request leaves condition_scale unset: small models want less than Mini's 10.
+        self.default_condition_scale = float(settings.get("condition_scale", DEFAULT_CONDITION_SCALE))
         side = int(round(self.sampler.image_length ** 0.5))
         probe = self.decoder.decode(np.zeros((1, self.sampler.image_length), np.int32))[0]
         self.limits = Limits(
@@ -221,4 +225,5 @@ class Pipeline:
             **self.devices.describe(),
             "limits": dataclasses.asdict(self.limits),
             "settings": self.settings,
+            "default_condition_scale": self.default_condition_scale,
         }

@@ -127,9 +127,11 @@ def evaluate(
     pipeline = Pipeline.load(models / "pipeline.toml")
     vq = VQGAN.from_pretrained(models / "vqgan")
     scorer = CLIPScorer.from_pretrained(models / "clip")
-    scale = {} if condition_scale is None else {"condition_scale": float(condition_scale)}
+    # Unset: what the server would use for this model set.
+    scale = {"condition_scale": float(pipeline.default_condition_scale if condition_scale is None
+                                      else condition_scale)}
     results: dict[str, Any] = {"models": str(models), "n": n, "candidates": candidates, "seed": seed,
-                               "condition_scale": SamplingParams(seed=0, **scale).condition_scale}
+                               "condition_scale": scale["condition_scale"]}
     grid: list[tuple[str, np.ndarray, list[np.ndarray]]] = []
     bar = None
     if progress:

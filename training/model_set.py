@@ -95,8 +95,9 @@ def write_clip_preprocessor(out: Path) -> None:
 PIPELINE_TOML = """\
 # Palette's embedded default model set: {description}
 [pipeline]
-dtype = "float32"
+dtype = "auto"
 max_images_per_request = 16
+condition_scale = 3.0
 
 [[stages]]
 name = "text"
