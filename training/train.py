@@ -456,29 +456,27 @@ def finetune_vqgan_decoder(
     return vq
 
 
-def encode_pool(vq: VQGAN, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    """int32 [N, latent_size**2] VQGAN codes of uint8 images (batches padded to one shape)."""
+def _map_padded(fn, arr: np.ndarray, batch_size: int) -> np.ndarray:
+    """fn over fixed-size batches of arr, the last one zero-padded so fn compiles once."""
     out = []
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        _, idx, _ = vq.encode(jnp.asarray(chunk, jnp.float32) / 255.0)
-        out.append(np.asarray(idx)[: batch_size - pad])
-    return np.concatenate(out).astype(np.int32)
+    for i in range(0, len(arr), batch_size):
+        chunk = arr[i:i + batch_size]
+        n = len(chunk)
+        if n < batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(fn(chunk))[:n])
+    return np.concatenate(out)
+
+
+def encode_pool(vq: VQGAN, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """int32 [N, latent_size**2] VQGAN codes of uint8 images."""
+    codes = _map_padded(lambda c: vq.encode(jnp.asarray(c, jnp.float32) / 255.0)[1], images, batch_size)
+    return codes.astype(np.int32)
 
 
 def decode_codes(vq: VQGAN, codes: np.ndarray, batch_size: int = 64) -> np.ndarray:
     """uint8 [N, H, W, 3] images of VQGAN codes."""
-    out = []
-    for i in range(0, len(codes), batch_size):
-        chunk = codes[i:i + batch_size]
-        pad = batch_size - len(chunk)
-        if pad:
-            chunk = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(vq.decode_images(jnp.asarray(chunk)))[: batch_size - pad])
-    return np.concatenate(out)
+    return _map_padded(lambda c: vq.decode_images(jnp.asarray(c)), codes, batch_size)
 
 
 # --------------------------------------------------------------------------- DalleBart
