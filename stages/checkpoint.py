@@ -19,7 +19,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -27,16 +27,6 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "flax_model.msgpack"
-
-DTYPES = {
-    "float32": np.float32,
-    "fp32": np.float32,
-    "float16": np.float16,
-    "fp16": np.float16,
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
-
 
 class CheckpointError(RuntimeError):
     """A model folder or hub id could not be read; the message says why."""
@@ -113,28 +103,22 @@ def read_params(model_dir: str | os.PathLike) -> dict[str, Any]:
     return params
 
 
-def place_leaves(tree: dict[str, Any], dtype: Any, put: Callable[[Any], Any] = None) -> dict[str, Any]:
-    """Cast each floating leaf to `dtype` and hand it to `put` (default: jnp.asarray) one at a
-    time, dropping the host copy as it goes, so host and device never both hold the whole tree."""
+def place_leaves(tree: dict[str, Any], dtype: Any) -> dict[str, Any]:
+    """Cast each floating leaf to `dtype` and put it on the default device one at a time,
+    dropping the host copy as it goes, so host and device never both hold the whole tree."""
     import jax
     import jax.numpy as jnp
 
-    target = jnp.bfloat16 if dtype == "bfloat16" else dtype
-    put = put or jnp.asarray
     for key in list(tree):
         value = tree.pop(key)
         if isinstance(value, Mapping):
-            tree[key] = place_leaves(dict(value), dtype, put)
+            tree[key] = place_leaves(dict(value), dtype)
         elif isinstance(value, jax.Array):  # already placed (e.g. split layers): never round-trip via the host
             tree[key] = value
         else:
-            arr = np.asarray(value)
-            if np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
-                arr = arr.astype(target, copy=False)
-            tree[key] = put(arr)
-            if hasattr(tree[key], "block_until_ready"):  # asynchronous transfer: let the host copy go now
-                tree[key].block_until_ready()
-            del arr, value
+            # Transfers are asynchronous: wait, so this leaf's host copy can go now.
+            tree[key] = jnp.asarray(cast_leaf(value, dtype)).block_until_ready()
+            del value
     return tree
 
 
@@ -159,21 +143,21 @@ def _to_numpy(tree: Any) -> Any:
     return np.asarray(tree)
 
 
-def cast_params(tree: Any, dtype: Any) -> Any:
-    """Cast floating leaves to `dtype` (a numpy dtype or 'bfloat16'); integer leaves are kept."""
+def cast_leaf(x: Any, dtype: Any) -> np.ndarray:
+    """A floating array cast to `dtype` (a numpy dtype or 'bfloat16'); integer arrays unchanged."""
     import jax.numpy as jnp
 
-    target = jnp.bfloat16 if dtype == "bfloat16" else dtype
+    arr = np.asarray(x)
+    if np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
+        return arr.astype(jnp.bfloat16 if dtype == "bfloat16" else dtype, copy=False)
+    return arr
 
-    def cast(x: Any) -> Any:
-        if isinstance(x, Mapping):
-            return {k: cast(v) for k, v in x.items()}
-        arr = np.asarray(x)
-        if np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
-            return arr.astype(target, copy=False)
-        return arr
 
-    return cast(tree)
+def cast_params(tree: Any, dtype: Any) -> Any:
+    """Cast floating leaves to `dtype` (a numpy dtype or 'bfloat16'); integer leaves are kept."""
+    if isinstance(tree, Mapping):
+        return {k: cast_params(v, dtype) for k, v in tree.items()}
+    return cast_leaf(tree, dtype)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -419,7 +419,7 @@ def place_unstacked(params: Params, config: DalleBartConfig, dtype: Any) -> Para
                     subs = [t.setdefault(key, {}) for t in targets]
                     split(dict(value), subs)
                 else:
-                    cast = ckpt.place_leaves({"x": value}, dtype, put=lambda a: a)["x"]
+                    cast = ckpt.cast_leaf(value, dtype)
                     for i, target in enumerate(targets):
                         target[key] = jnp.array(cast[i])
                     # Transfers are asynchronous: wait, or every host copy stays queued at once.
