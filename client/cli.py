@@ -87,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
 TRAINING_COMMANDS = ("train", "eval")
 
 
+def _report_missing_server_extra(err: ModuleNotFoundError) -> bool:
+    """True, after saying how to install it, when `err` is a server-extra module a client install lacks."""
+    if (err.name or "").split(".")[0] not in SERVER_MODULES:
+        return False
+    print(f"palette: error: missing module {err.name!r}.\n{SERVER_EXTRA_HINT}", file=sys.stderr)
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TRAINING_COMMANDS:
@@ -94,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             from palette.training.cli import main as training_main
         except ModuleNotFoundError as err:
-            if (err.name or "").split(".")[0] in SERVER_MODULES:
-                print(f"palette: error: missing module {err.name!r}.\n{SERVER_EXTRA_HINT}", file=sys.stderr)
+            if _report_missing_server_extra(err):
                 return 2
             raise
         return training_main(argv)
@@ -115,8 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from palette.server.main import run
         from palette.server.service import ServerConfig
     except ModuleNotFoundError as err:
-        if (err.name or "").split(".")[0] in SERVER_MODULES:
-            print(f"palette: error: missing module {err.name!r}.\n{SERVER_EXTRA_HINT}", file=sys.stderr)
+        if _report_missing_server_extra(err):
             return 2
         raise
     config = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
