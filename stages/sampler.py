@@ -113,6 +113,9 @@ class SamplerEngine:
         self.max_top_k = max(1, min(max_top_k, self.config.logits_size))
         self.params = params if params is not None else self.devices.place_params(model.params)
         self._occupied = np.zeros(self.num_slots, bool)
+        # Host copy of state["position"], refreshed by the read every step already does, so bounding
+        # the next chunk's context costs no extra device round trip.
+        self._positions = np.zeros(self.num_slots, np.int32)
         self.state = self._initial_state()
         shardings = jax.tree_util.tree_map(lambda x: x.sharding, self.state)
         self._admit = jax.jit(self._admit_fn, donate_argnums=0, out_shardings=shardings)
@@ -222,7 +225,7 @@ class SamplerEngine:
     def _context_bound(self, steps: int) -> int:
         """Cached positions the next `steps` steps can read, rounded up to a quarter of the image
         length so the loop compiles for at most four context sizes."""
-        position = jax.device_get(self.state["position"])[self._occupied]
+        position = self._positions[self._occupied]
         needed = int(position.max()) + steps if position.size else self.image_length
         quarter = -(-self.image_length // 4)
         return min(self.image_length, -(-needed // quarter) * quarter)
@@ -266,6 +269,7 @@ class SamplerEngine:
             column([p.condition_scale for p in params], np.float32),
         )
         self._occupied[list(slots)] = True
+        self._positions[list(slots)] = 0
 
     def step(self, steps: int | None = None) -> list[SlotProgress]:
         """Advance every occupied slot by `steps` (default chunk_steps) tokens; report the occupied slots."""
@@ -274,6 +278,7 @@ class SamplerEngine:
         steps = steps or self.chunk_steps
         self.state = self._chunk(self.state, self.params, steps, self._context_bound(steps))
         tokens, position, done = jax.device_get((self.state["tokens"], self.state["position"], self.state["done"]))
+        self._positions = np.array(position, np.int32)
         return [SlotProgress(slot=s, tokens=tokens[s], steps_done=int(position[s]), finished=bool(done[s]))
                 for s in self.occupied_slots()]
 
