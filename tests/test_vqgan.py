@@ -163,3 +163,26 @@ def test_resampling_without_conv_has_no_resample_weights():
     assert "downsample" not in names and "upsample" not in names
     with_conv = "/".join(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(VQGAN.param_shapes(TWO_LEVELS)))
     assert "'downsample'" in with_conv and "'upsample'" in with_conv
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_convs_train_with_the_same_gradients_as_xla_convs(stride):
+    # Convs with >= 64 input channels take their kernel gradient as an im2col matmul (faster on
+    # XLA:CPU); the values and both gradients must be those of the plain convolution.
+    from palette.stages.models.vqgan import MATMUL_WGRAD_MIN_CHANNELS, _conv_general_dilated
+
+    c = MATMUL_WGRAD_MIN_CHANNELS
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, c))
+    kernel = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, 5))
+    pads = ((1, 1), (1, 1)) if stride == 1 else ((0, 1), (0, 1))
+    target = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 9, 5))
+
+    def loss(conv, x, kernel):
+        y = conv(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y) * target[:, : y.shape[1], : y.shape[2]])
+
+    ours = jax.value_and_grad(lambda x, k: loss(_conv_general_dilated, x, k), argnums=(0, 1))(x, kernel)
+    xla = jax.value_and_grad(lambda x, k: loss(jax.lax.conv_general_dilated, x, k), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5)
+    for a, b in zip(ours[1], xla[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
