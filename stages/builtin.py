@@ -104,18 +104,19 @@ class BartSamplerStage(Stage):
     kind = "sampler"
     consumes = (PROMPT_TOKENS, SAMPLING)
     produces = (IMAGE_TOKENS,)
-    tunable = ("num_slots", "chunk_steps", "max_top_k", "dtype")
+    tunable = ("num_slots", "chunk_steps", "max_top_k", "default_top_k", "dtype")
 
     def initialize(self, context: StageContext) -> None:
         from .models.dallebart import DalleBart
-        from .sampler import SamplerEngine
+        from .sampler import DEFAULT_TOP_K, SamplerEngine
 
         self.checkpoint = context.resolve(self.options["checkpoint"])
         self.dtype = stage_dtype(self.options, context)
         self.model = DalleBart.from_pretrained(self.checkpoint, dtype=_jnp_dtype(self.dtype))
         self.engine = SamplerEngine(self.model, context.devices, num_slots=int(self.options.get("num_slots", 8)),
                                     chunk_steps=int(self.options.get("chunk_steps", 16)),
-                                    max_top_k=int(self.options.get("max_top_k", 256)))
+                                    max_top_k=int(self.options.get("max_top_k", 256)),
+                                    default_top_k=int(self.options.get("default_top_k", DEFAULT_TOP_K)))
 
     def execute(self, batch):
         for start in range(0, len(batch), self.engine.num_slots):
@@ -131,7 +132,7 @@ class BartSamplerStage(Stage):
         c = self.model.config
         return {**super().describe(), "checkpoint": self.checkpoint, "dtype": self.dtype,
                 "num_slots": self.engine.num_slots, "chunk_steps": self.engine.chunk_steps,
-                "max_top_k": self.engine.max_top_k,
+                "max_top_k": self.engine.max_top_k, "default_top_k": self.engine.default_top_k,
                 "d_model": c.d_model, "layers": [c.encoder_layers, c.decoder_layers],
                 "image_length": c.image_length, "max_text_length": c.max_text_length}
 

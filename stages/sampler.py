@@ -103,7 +103,8 @@ class SamplerEngine:
     """Decode state for `num_slots` images on the mesh; one thread drives it (admit / step / release)."""
 
     def __init__(self, model: db.DalleBart, devices: DeviceState | None = None, num_slots: int = 8,
-                 chunk_steps: int = 16, max_top_k: int = DEFAULT_MAX_TOP_K, params: Any = None):
+                 chunk_steps: int = 16, max_top_k: int = DEFAULT_MAX_TOP_K, params: Any = None,
+                 default_top_k: int = DEFAULT_TOP_K):
         self.model = model
         self.config = model.config
         self.devices = devices or DeviceState.create()
@@ -111,6 +112,8 @@ class SamplerEngine:
         self.image_length = self.config.image_length
         self.chunk_steps = max(1, min(chunk_steps, self.image_length))
         self.max_top_k = max(1, min(max_top_k, self.config.logits_size))
+        # What a request's top_k = 0 means for this model: a small codebook wants fewer candidates.
+        self.default_top_k = max(1, min(int(default_top_k), self.max_top_k))
         self.params = params if params is not None else self.devices.place_params(model.params)
         self._occupied = np.zeros(self.num_slots, bool)
         # Host copy of state["position"], refreshed by the read every step already does, so bounding
@@ -142,7 +145,7 @@ class SamplerEngine:
             "prev": jnp.full((s,), c.decoder_start_token_id, jnp.int32),
             "done": jnp.ones((s,), bool),
             "key": jnp.zeros((s, 2), jnp.uint32),
-            "top_k": jnp.full((s,), DEFAULT_TOP_K, jnp.int32),
+            "top_k": jnp.full((s,), self.default_top_k, jnp.int32),
             "top_p": jnp.ones((s,), jnp.float32),
             "temperature": jnp.ones((s,), jnp.float32),
             "scale": jnp.ones((s,), jnp.float32),
@@ -171,7 +174,7 @@ class SamplerEngine:
         new["prev"] = put("prev", jnp.full((n,), c.decoder_start_token_id, jnp.int32))
         new["done"] = put("done", jnp.zeros((n,), bool))
         new["key"] = put("key", jax.vmap(jax.random.PRNGKey)(seeds))
-        new["top_k"] = put("top_k", jnp.where(top_k > 0, top_k, min(DEFAULT_TOP_K, self.max_top_k)))
+        new["top_k"] = put("top_k", jnp.where(top_k > 0, top_k, self.default_top_k))
         new["top_p"] = put("top_p", top_p)
         new["temperature"] = put("temperature", temperature)
         new["scale"] = put("scale", scale)
@@ -250,7 +253,7 @@ class SamplerEngine:
         for p in params:
             p.validate()
             if p.top_k > self.max_top_k:
-                raise ValueError(f"top_k must be 0..{self.max_top_k} (0 = default {DEFAULT_TOP_K}), got {p.top_k}")
+                raise ValueError(f"top_k must be 0..{self.max_top_k} (0 = default {self.default_top_k}), got {p.top_k}")
         # Admissions are padded to a power of two so the encoder compiles for a few sizes only.
         n = 1 << (len(slots) - 1).bit_length()
         pad = n - len(slots)

@@ -98,6 +98,18 @@ def test_top_k_limits_the_choices(model):
     assert firsts <= top3 and len(firsts) > 1
 
 
+def test_a_model_default_top_k_applies_when_the_request_leaves_it_unset(model):
+    # pipeline.toml's default_top_k: top_k = 0 in a request means this model's default.
+    params = [SamplingParams(seed=s, condition_scale=1.0) for s in range(3)]
+    greedy_default = sample(SamplerEngine(model, num_slots=3, default_top_k=1), [prompt(0)] * 3, params)
+    greedy_asked = sample(SamplerEngine(model, num_slots=3), [prompt(0)] * 3,
+                          [SamplingParams(seed=s, top_k=1, condition_scale=1.0) for s in range(3)])
+    for a, b in zip(greedy_default, greedy_asked):
+        np.testing.assert_array_equal(a, b)
+    sampled = sample(SamplerEngine(model, num_slots=3), [prompt(0)] * 3, params)
+    assert any(not np.array_equal(a, b) for a, b in zip(sampled, greedy_asked))
+
+
 def test_released_slots_are_reused_by_new_requests(model):
     engine = SamplerEngine(model, num_slots=2, chunk_steps=4)
     engine.admit([0, 1], [prompt(0), prompt(1)], [SamplingParams(seed=1), SamplingParams(seed=2)])
