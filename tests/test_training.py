@@ -260,3 +260,21 @@ def test_cli_parses_train_and_eval():
     assert (a.command, a.model, a.out, a.minutes, a.seed) == ("train", "default", "x", 5.0, 3)
     a = p.parse_args(["eval", "--models", "m", "--n", "6"])
     assert (a.command, a.models, a.n) == ("eval", "m", 6)
+
+
+def test_tokenizers_are_the_same_files_every_time(tmp_path):
+    # Deterministic given a seed: the ids a model is trained on must not change between runs.
+    from transformers import CLIPTokenizerFast
+
+    from palette.training.tokenizers import train_bart_tokenizer, train_clip_tokenizer
+
+    corpus = T.tokenizer_corpus(0, n=300)
+    for train in (train_bart_tokenizer, train_clip_tokenizer):
+        a, b = train(corpus, tmp_path / f"{train.__name__}-a"), train(corpus, tmp_path / f"{train.__name__}-b")
+        for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+            assert (a / name).read_bytes() == (b / name).read_bytes(), (train.__name__, name)
+    clip = CLIPTokenizerFast.from_pretrained(str(a))
+    text = "a large green star in the top right corner on a blue background"
+    ids = clip(text)["input_ids"]
+    assert ids[0] == clip.bos_token_id and ids[-1] == clip.eos_token_id and clip.eos_token_id not in ids[1:-1]
+    assert clip.decode(ids, skip_special_tokens=True) == text

@@ -54,12 +54,31 @@ def train_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[CLIP_BOS, CLIP_EOS], show_progress=False,
                                   end_of_word_suffix="</w>")
     tok.train_from_iterator(texts, trainer)
+    tok.model = _canonical_bpe(tok.model, [CLIP_BOS, CLIP_EOS], unk_token=CLIP_EOS, end_of_word_suffix="</w>")
     bos, eos = tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS)
     tok.post_processor = processors.TemplateProcessing(single=f"{CLIP_BOS} $A {CLIP_EOS}",
                                                        special_tokens=[(CLIP_BOS, bos), (CLIP_EOS, eos)])
     fast = CLIPTokenizerFast(tokenizer_object=tok, bos_token=CLIP_BOS, eos_token=CLIP_EOS, unk_token=CLIP_EOS,
                              pad_token=CLIP_EOS, model_max_length=model_max_length)
     return _save(fast, tok, out_dir)
+
+
+def _canonical_bpe(model: models.BPE, specials: list[str], **options) -> models.BPE:
+    """The same BPE with its ids in a fixed order: the trainer numbers the word-final characters
+    ("a</w>", ...) in hash-map order, which changes from run to run, and with it every id the
+    model is trained on. Specials first, then the characters sorted, then merges in merge order."""
+    import json
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_path, merges_path = model.save(tmp)
+        vocab = json.loads(Path(vocab_path).read_text())
+        merges = [tuple(line.split(" ")) for line in Path(merges_path).read_text().splitlines()
+                  if line and not line.startswith("#version")]
+    merged = list(dict.fromkeys(a + b for a, b in merges))
+    chars = sorted((t for t in vocab if t not in set(merged) | set(specials)), key=lambda t: (t.endswith("</w>"), t))
+    order = specials + chars + merged
+    return models.BPE(vocab={t: i for i, t in enumerate(order)}, merges=merges, **options)
 
 
 def _save(fast, tok: Tokenizer, out_dir: str | Path) -> Path:
