@@ -41,14 +41,9 @@ def _jnp_dtype(name: str):
         raise ValueError(f"dtype must be one of {sorted(DTYPE_NAMES)}, got {name!r}") from None
 
 
-def _buckets(n: int, largest: int) -> list[tuple[int, int]]:
-    """Split n items into chunks of at most `largest`, each padded to a power of two: [(count, padded)]."""
-    out = []
-    while n > 0:
-        count = min(n, largest)
-        out.append((count, 1 << (count - 1).bit_length()))
-        n -= count
-    return out
+def _chunks(n: int, largest: int) -> list[int]:
+    """Split n items into chunks of at most `largest`."""
+    return [min(largest, n - start) for start in range(0, n, largest)]
 
 
 class TextProcessorStage(Stage):
@@ -161,9 +156,13 @@ class VQGANDecoderStage(Stage):
         tokens = np.clip(np.asarray(tokens, np.int32), 0, self.codebook_size - 1)
         images: list[Image.Image] = []
         done = 0
-        for count, padded in _buckets(len(tokens), self.batch_size):
+        # Always whole batches of `batch_size` rows: XLA:CPU picks its conv kernels by batch size,
+        # and their rounding differs, so an image decoded alone and one decoded among others
+        # would differ in a pixel or two. One shape keeps a seed's image the same bytes however
+        # the server batched it. (batch_size = 1 decodes one image at a time.)
+        for count in _chunks(len(tokens), self.batch_size):
             chunk = tokens[done:done + count]
-            padded_rows = self.devices.round_batch(padded)
+            padded_rows = self.devices.round_batch(self.batch_size)
             chunk = np.concatenate([chunk, np.repeat(chunk[:1], padded_rows - count, axis=0)])
             pixels = np.asarray(self.vqgan.decode_images(self.devices.place_batch(chunk)))
             images.extend(Image.fromarray(p) for p in pixels[:count])
