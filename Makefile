@@ -44,7 +44,7 @@ proto: setup
 
 # Train the embedded default model set from scratch (about an hour on 2 CPU cores).
 train-default: setup
-	$(BIN)/python -m palette.training.cli train default --out models/default --minutes 50
+	$(BIN)/python -m palette.training.cli train default --out models/default --minutes 56
 
 eval: setup
 	$(BIN)/python -m palette.training.cli eval --models models/default --grid $(OUT)/eval-grid.png

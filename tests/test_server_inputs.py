@@ -72,7 +72,7 @@ def long_prompt_in_tokens() -> str:
     (dict(top_k=257), "top_k must be 0..256 (0 = the model default), got 257"),
     (dict(format=7), "format must be IMAGE_FORMAT_PNG (1), IMAGE_FORMAT_JPEG (2) or IMAGE_FORMAT_WEBP (3)"),
     (dict(quality=101), "quality must be 1..100"),
-    (dict(preview_every=10_000), "preview_every must be 0..64"),
+    (dict(preview_every=10_000), "preview_every must be 0..256"),
 ])
 def test_generate_bad_input(client, kwargs, expected):
     kwargs = dict(kwargs)

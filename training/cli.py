@@ -2,7 +2,7 @@
 
 `main(argv)` takes the arguments after the program name, starting with the command:
 
-    train default  --out models/default [--minutes 50] [--seed 0] [--run-dir DIR] [--pool-size N]
+    train default  --out models/default [--minutes 56] [--seed 0] [--run-dir DIR] [--pool-size N]
     train vqgan    --out DIR [--steps N] [--minutes M] [--seed S] [--run-dir DIR] [--pool-size N]
     train dallebart --out DIR [...]     (needs DIR/vqgan; trains on its codes)
     train clip     --out DIR [...]
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = train.add_subparsers(dest="model", required=True)
     default = models.add_parser("default", help="VQGAN, then DalleBart, then CLIP, within one time budget")
     default.add_argument("--out", default="models/default", help="model-set folder to write (default: %(default)s)")
-    default.add_argument("--minutes", type=float, default=50.0, help="wall-time budget (default: %(default)s)")
+    default.add_argument("--minutes", type=float, default=56.0, help="wall-time budget (default: %(default)s)")
     default.add_argument("--seed", type=int, default=0)
     default.add_argument("--run-dir", default=None, help="checkpoints and metrics (default: runs/train-<out name>)")
     default.add_argument("--pool-size", type=int, default=8000, help="training images (default: %(default)s)")

@@ -8,7 +8,10 @@ One folder per network, each in the released format, plus `pipeline.toml`:
       vqgan/       config.json flax_model.msgpack
       clip/        config.json flax_model.msgpack + CLIP tokenizer files + preprocessor_config.json
 
-The sizes are chosen for a 2-core CPU: 64×64 images from an 8×8 grid of codes.
+The sizes are chosen for a 2-core CPU: 64×64 images from a 16×16 grid of codes (VQGAN f4).
+At f4 a code is a 4×4 patch: flat colour or a simple edge between two colours, which
+composes into any shape in any colour (an f8 code would hold a colour-specific piece of a
+shape, and a held-out colour × shape pair would have no codes to draw it with).
 """
 
 from __future__ import annotations
@@ -27,16 +30,19 @@ from palette.stages.text import WORD_FREQUENCY_FILENAME
 from .tokenizers import train_bart_tokenizer, train_clip_tokenizer
 
 IMAGE_SIZE = 64
-CODEBOOK_SIZE = 512
-GRID = 8  # VQGAN f8: 64×64 image <-> 8×8 codes
+CODEBOOK_SIZE = 1024
+GRID = 16  # VQGAN f4: 64×64 image <-> 16×16 codes
 TEXT_VOCAB = 512
 MAX_TEXT_LENGTH = 32
 
 
 def vqgan_config() -> VQGANConfig:
-    # No attention in the levels (the mid block still attends): the trainer feeds crops as well as
-    # whole images, and a convolutional network sees a crop as it sees the same region of an image.
-    return VQGANConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+    # ch=64 at full resolution: GroupNorm has 32 groups, and with 32 channels each group is one
+    # channel, which normalises away every channel's flat value -- the decoder could then not
+    # paint flat backgrounds. No attention in the levels (the mid block still attends): the
+    # trainer feeds crops as well as whole images, and convolutions see a crop as they see the
+    # same region of an image. num_res_blocks=0 keeps the encoder to its downsampling convs.
+    return VQGANConfig(ch=64, ch_mult=(1, 1, 1), num_res_blocks=0, attn_resolutions=(),
                        resolution=IMAGE_SIZE, z_channels=64, embed_dim=16, n_embed=CODEBOOK_SIZE)
 
 
@@ -111,6 +117,8 @@ type = "bart_sampler"
 checkpoint = "dallebart"
 num_slots = 8
 chunk_steps = 16
+# 8 of 1024 codes: a small model's long tail of unlikely codes draws stray specks.
+default_top_k = 8
 
 [[stages]]
 name = "vqgan"

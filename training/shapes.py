@@ -87,8 +87,10 @@ _HELDOUT_SET = frozenset(HELDOUT)
 
 #: Centre of grid column/row 0, 1, 2.
 GRID_CENTRES: tuple[float, float, float] = (0.22, 0.5, 0.78)
-#: Half the side of an object's (square) bounding box, per size.
-HALF_EXTENT: dict[str, float] = {"small": 0.11, "large": 0.18}
+#: Half the side of an object's (square) bounding box, per size. At 64x64 a small object
+#: is 18 px across and a large one 26 px: smaller, a star's points and a ring's hole are a
+#: pixel or two wide and no longer survive a 16x16 grid of codes.
+HALF_EXTENT: dict[str, float] = {"small": 0.14, "large": 0.20}
 #: Sampled jitter: centre offset (each axis, uniform +-) and scale (uniform 1 +-).
 POSITION_JITTER = 0.025
 SCALE_JITTER = 0.06

@@ -253,9 +253,10 @@ class Pool:
         return len(self.scenes)
 
 
-def make_pool(seed: int, n: int, size: int = M.IMAGE_SIZE) -> Pool:
+def make_pool(seed: int, n: int, size: int = M.IMAGE_SIZE, *, jitter: bool = True,
+              two_objects_prob: float = 0.3) -> Pool:
     """The first `n` samples of the seeded stream (held-out colour x shape pairs never appear)."""
-    images, _, scenes = S.batch(int(seed), int(n), size=size)
+    images, _, scenes = S.batch(int(seed), int(n), size=size, jitter=jitter, two_objects_prob=two_objects_prob)
     return Pool(images, scenes)
 
 
@@ -296,8 +297,15 @@ def train_vqgan(
     beta: float = 0.25,
     object_weight: float = 4.0,
     init_params: dict | None = None,
+    codebook_decay: float | None = 0.9,
 ) -> VQGAN:
     """VQGAN on the pool's images: L1 + L2 reconstruction + codebook and commitment losses.
+
+    With `codebook_decay` set (the default), the codebook is not a gradient parameter but an
+    exponential moving average of the encoder latents each code was picked for (online k-means,
+    as in VQ-VAE-2): under Adam a code moves at most about `lr` per step, far slower than the
+    encoder's latents drift early on, and most of the first few hundred steps would be spent
+    with codes that no longer fit. `None` trains the codebook by its loss instead.
 
     Most steps see random `crop`-pixel crops (a quarter of a full image's cost; the networks are
     convolutional), a `full_prob` share of steps whole images. The codebook starts from encoder
@@ -353,13 +361,24 @@ def train_vqgan(
         weights = 1.0 + object_weight * np.any(imgs != imgs[:, :1, :1], axis=-1, keepdims=True)
         return jnp.asarray(imgs, jnp.float32) / 255.0, weights
 
+    ema = codebook_decay is not None
+
     def loss_fn(params, images, weights):
         rec, aux = module.apply({"params": params}, images, beta, method=VQModel.forward_train)
         l1 = jnp.mean(weights * jnp.abs(rec - images))
         l2 = jnp.mean(weights * (rec - images) ** 2)
-        used = jnp.zeros((config.n_embed,), jnp.int32).at[aux["indices"].reshape(-1)].add(1)
+        flat = aux["indices"].reshape(-1)
+        used = jnp.zeros((config.n_embed,), jnp.int32).at[flat].add(1)
         psnr = -10.0 * jnp.log10(jnp.mean((jnp.clip(rec, 0, 1) - images) ** 2) + 1e-10)
-        return l1 + l2 + aux["vq_loss"], {"l1": l1, "l2": l2, "vq": aux["vq_loss"], "psnr": psnr, "usage": used}
+        metrics = {"l1": l1, "l2": l2, "vq": aux["vq_loss"], "psnr": psnr, "usage": used}
+        if ema:
+            # Only the commitment term: the codebook follows the latents by the hook's average.
+            vq_loss = beta * aux["commitment_loss"]
+            z = jax.lax.stop_gradient(aux["latents"]).reshape(-1, config.embed_dim)
+            metrics["latent_sums"] = jax.ops.segment_sum(z, flat, num_segments=config.n_embed)
+        else:
+            vq_loss = aux["vq_loss"]
+        return l1 + l2 + vq_loss, metrics
 
     params = vq.params
     if not (run_dir / CHECKPOINT_FILE).is_file():
@@ -381,7 +400,14 @@ def train_vqgan(
 
     def restart_dead_codes(state: TrainState, metrics: dict) -> TrainState:
         nonlocal usage
-        usage += np.asarray(metrics["usage"])
+        counts = np.asarray(metrics["usage"])
+        usage += counts
+        if ema:
+            codebook = np.array(state.params["quantize"]["embedding"]["embedding"])
+            picked = counts > 0
+            means = np.asarray(metrics["latent_sums"])[picked] / counts[picked, None]
+            codebook[picked] = codebook_decay * codebook[picked] + (1.0 - codebook_decay) * means
+            state.params = _set_codebook(state.params, codebook)
         if state.step % restart_every:
             return state
         dead = np.nonzero(usage == 0)[0]
@@ -498,13 +524,16 @@ def train_dallebart(
     config: DB.DalleBartConfig,
     text_dropout: float = 0.15,
     init_params: Any = None,
+    caption_full_prob: float = 0.25,
 ) -> DB.DalleBart:
     """DalleBart on (caption, VQGAN codes): the dalle-mini recipe.
 
     The encoder reads the caption (normalised + BPE by the shipped text processor, so training
     sees exactly what serving feeds it), the decoder predicts the image codes from
     [decoder_start] + codes[:-1] with cross-entropy. A `text_dropout` share of the rows get
-    the empty prompt instead (the unconditional row super conditioning uses).
+    the empty prompt instead (the unconditional row super conditioning uses). A
+    `caption_full_prob` share of captions is the canonical phrasing that states every
+    attribute; the rest are drawn from the shorter phrasings.
     Needs `<out_dir>/dallebart` to hold the tokenizer; writes the weights there. `init_params`
     (run-time layout, e.g. `DalleBart.from_pretrained(...).params`) continues from another run.
     """
@@ -534,7 +563,7 @@ def train_dallebart(
     def make_batch(step: int):
         rng = batch_rng(loop.seed, step, 4)
         idx = rng.integers(0, n, b)
-        ids, mask = tokens(sample_captions([pool.scenes[i] for i in idx], rng))
+        ids, mask = tokens(sample_captions([pool.scenes[i] for i in idx], rng, caption_full_prob))
         drop = rng.random(b) < text_dropout
         ids = np.where(drop[:, None], uncond_ids[None], ids)
         mask = np.where(drop[:, None], uncond_mask[None], mask)
@@ -640,9 +669,10 @@ def train_clip(
 
 # --------------------------------------------------------------------------- the default set
 
-#: Shares of the time budget, in order: VQGAN, VQGAN decoder fine-tuning, DalleBart, CLIP
-#: (the rest is data, encoding and saving).
-BUDGET_SHARES = (0.40, 0.12, 0.32, 0.12)
+#: Shares of the time budget, in order: VQGAN, VQGAN decoder fine-tuning (0 skips it), DalleBart,
+#: CLIP (the rest is data, encoding and saving). DalleBart gets the most: it has 256 codes per
+#: caption to learn and was still improving at the end, so the fine-tune's time goes to it.
+BUDGET_SHARES = (0.34, 0.0, 0.53, 0.13)
 
 
 def _minutes_until(t: float) -> float:
@@ -651,20 +681,28 @@ def _minutes_until(t: float) -> float:
 
 def train_default(
     out_dir: str | Path,
-    time_budget_minutes: float = 50.0,
+    time_budget_minutes: float = 56.0,
     seed: int = 0,
     run_dir: str | Path | None = None,
     pool_size: int = 8000,
+    two_objects_prob: float = 0.1,
+    caption_full_prob: float = 0.8,
     max_steps: tuple[int, int, int, int] = (100_000, 100_000, 100_000, 100_000),
-    batch_sizes: tuple[int, int, int, int] = (16, 16, 32, 128),
+    batch_sizes: tuple[int, int, int, int] = (16, 16, 16, 128),
     progress: bool = True,
     shares: tuple[float, float, float, float] = BUDGET_SHARES,
 ) -> dict:
     """Train the whole default set into `out_dir` within about `time_budget_minutes`.
 
-    VQGAN; its codes of the pool; the VQGAN decoder fine-tuned on those fixed codes; DalleBart
-    on the codes; CLIP on pool images and their VQGAN reconstructions. Each phase stops at the
-    end of its share of the budget (`shares`, cumulative from the start) or at its step cap.
+    VQGAN; its codes of the pool; optionally the VQGAN decoder fine-tuned on those fixed codes;
+    DalleBart on the codes; CLIP on pool images and their VQGAN reconstructions. Each phase
+    stops at the end of its share of the budget (`shares`, cumulative from the start; a zero
+    share skips the phase) or at its step cap.
+
+    The pool is jitter-free (every object exactly at its named position and size), so a full
+    caption fixes its image and DalleBart learns one target per caption rather than an average
+    of nudged ones; `two_objects_prob` of it are two-object scenes, and `caption_full_prob`
+    of DalleBart's captions are the full phrasing (the rest are the shorter ones).
     Resumable: a finished phase (its run folder holds done.json) is skipped, an unfinished one
     continues from its checkpoint. The set is assembled in `<run_dir>/out` and copied to
     `out_dir` only when complete, so `out_dir` never holds a half-trained mix.
@@ -682,7 +720,7 @@ def train_default(
 
     bart_vocab, clip_vocab = M.write_tokenizers(out_dir, tokenizer_corpus(seed))
     M.write_clip_preprocessor(out_dir)
-    pool = make_pool(seed, pool_size)
+    pool = make_pool(seed, pool_size, jitter=False, two_objects_prob=two_objects_prob)
     log.info("pool of %d samples ready after %.1f s", len(pool), time.monotonic() - t0)
 
     def loop(i: int, **kw) -> LoopConfig:
@@ -691,15 +729,18 @@ def train_default(
         base.update(kw)
         return LoopConfig(**base)
 
-    def phase(name: str, run: Path, train: Callable[[], Any]) -> None:
+    def phase(name: str, run: Path, train: Callable[[], Any], share: float = 1.0) -> None:
         t = time.monotonic()
+        if share <= 0:
+            summary[name] = {"step": 0, "skipped": True}
+            return
         if not is_done(run):
             train()
         summary[name] = {**json.loads((run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
 
     # 1. VQGAN
     phase("vqgan", run_dir / "vqgan",
-          lambda: train_vqgan(out_dir, run_dir / "vqgan", pool, loop(0, lr=1e-3, warmup=50), full_prob=0.5))
+          lambda: train_vqgan(out_dir, run_dir / "vqgan", pool, loop(0, lr=2e-3, warmup=50), full_prob=0.5))
     vq = VQGAN.from_pretrained(out_dir / "vqgan")
 
     # 2. its codes of the pool, and the decoder fine-tuned on them (codes unchanged)
@@ -712,13 +753,13 @@ def train_default(
     summary["codes_used"] = int(len(np.unique(codes)))
     phase("vqgan_decoder", run_dir / "vqgan-decoder",
           lambda: finetune_vqgan_decoder(out_dir, run_dir / "vqgan-decoder", vq, pool, codes,
-                                         loop(1, lr=5e-4, warmup=20)))
+                                         loop(1, lr=5e-4, warmup=20)), shares[1])
     vq = VQGAN.from_pretrained(out_dir / "vqgan")
 
     # 3. DalleBart on the codes
     phase("dallebart", run_dir / "dallebart",
           lambda: train_dallebart(out_dir, run_dir / "dallebart", pool, codes, loop(2, lr=2e-3, warmup=100),
-                                  M.dallebart_config(bart_vocab)))
+                                  M.dallebart_config(bart_vocab), caption_full_prob=caption_full_prob))
 
     # 4. CLIP, on originals and VQGAN reconstructions
     def clip_phase():
@@ -728,8 +769,9 @@ def train_default(
     phase("clip", run_dir / "clip", clip_phase)
 
     summary["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
+    decoder = "" if summary["vqgan_decoder"].get("skipped") else f" + decoder {summary['vqgan_decoder']['step']} steps"
     description = (f"trained by `palette train default` (seed {seed}, {summary['total_minutes']} min on this machine; "
-                   f"VQGAN {summary['vqgan']['step']} steps + decoder {summary['vqgan_decoder']['step']} steps, "
+                   f"VQGAN f4 {summary['vqgan']['step']} steps{decoder}, "
                    f"DalleBart {summary['dallebart']['step']} steps, "
                    f"CLIP {summary['clip']['step']} steps)")
     M.write_pipeline_config(out_dir, description)
