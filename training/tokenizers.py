@@ -76,7 +76,8 @@ def _canonical_bpe(model: models.BPE, specials: list[str], **options) -> models.
         merges = [tuple(line.split(" ")) for line in Path(merges_path).read_text().splitlines()
                   if line and not line.startswith("#version")]
     merged = list(dict.fromkeys(a + b for a, b in merges))
-    chars = sorted((t for t in vocab if t not in set(merged) | set(specials)), key=lambda t: (t.endswith("</w>"), t))
+    not_chars = set(merged) | set(specials)
+    chars = sorted((t for t in vocab if t not in not_chars), key=lambda t: (t.endswith("</w>"), t))
     order = specials + chars + merged
     return models.BPE(vocab={t: i for i, t in enumerate(order)}, merges=merges, **options)
 
