@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--condition-scale", type=float, default=None,
                     help="super-conditioning scale of the candidates (default: the sampler's default)")
+    ev.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1)")
+    ev.add_argument("--top-k", type=int, default=None, help="top-k of the sampling (default: the sampler's default)")
     return parser
 
 
@@ -109,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evaluate import main_eval
 
         main_eval(args.models, args.n, args.grid or None, args.json, seed=args.seed,
-                  condition_scale=args.condition_scale)
+                  condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k)
         return 0
     return 2
 

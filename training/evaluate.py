@@ -115,6 +115,8 @@ def evaluate(
     seed: int = 0,
     progress: bool = True,
     condition_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
 ) -> dict[str, Any]:
     """The evaluation table as a dict: {kind: {psnr, retrieval, random: {attr: acc}, clip_top1: {...}}, ...}."""
     from palette.stages.models.vqgan import VQGAN
@@ -130,8 +132,18 @@ def evaluate(
     # Unset: what the server would use for this model set.
     scale = {"condition_scale": float(pipeline.default_condition_scale if condition_scale is None
                                       else condition_scale)}
+    if temperature is not None:
+        scale["temperature"] = float(temperature)
+    if top_k is not None:
+        scale["top_k"] = int(top_k)
+    # What the table reports: the overrides, else the set's own defaults (as the server applies them).
+    sampling = dict(scale)
+    if top_k is None:
+        default_top_k = [s.describe()["default_top_k"] for s in pipeline.stages if "default_top_k" in s.describe()]
+        if default_top_k:
+            sampling["top_k"] = default_top_k[0]
     results: dict[str, Any] = {"models": str(models), "n": n, "candidates": candidates, "seed": seed,
-                               "condition_scale": scale["condition_scale"]}
+                               "sampling": sampling, "condition_scale": scale["condition_scale"]}
     grid: list[tuple[str, np.ndarray, list[np.ndarray]]] = []
     bar = None
     if progress:
@@ -189,8 +201,11 @@ def markdown_table(results: dict[str, Any]) -> str:
                  + " | ".join(f"{100 * results[k]['retrieval']:.1f} %" for k in KINDS) + " |")
     n = results.get("n")
     lines.append("")
-    lines.append(f"{n} single-object prompts per set, {c} candidates each (condition scale "
-                 f"{results.get('condition_scale', 10.0):g}); attributes read by `palette.training.analyse`.")
+    sampling = results.get("sampling", {"condition_scale": results.get("condition_scale", 10.0)})
+    labels = {"condition_scale": "condition scale", "top_k": "top-k"}
+    how = ", ".join(f"{labels.get(k, k)} {v:g}" for k, v in sampling.items())
+    lines.append(f"{n} single-object prompts per set, {c} candidates each ({how}); "
+                 "attributes read by `palette.training.analyse`.")
     return "\n".join(lines)
 
 
@@ -225,8 +240,10 @@ def save_grid(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: str | 
 
 
 def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed: int = 0,
-              condition_scale: float | None = None) -> dict[str, Any]:
-    results = evaluate(models, n=n, grid_path=grid, seed=seed, condition_scale=condition_scale)
+              condition_scale: float | None = None, temperature: float | None = None,
+              top_k: int | None = None) -> dict[str, Any]:
+    results = evaluate(models, n=n, grid_path=grid, seed=seed, condition_scale=condition_scale,
+                       temperature=temperature, top_k=top_k)
     print(results["table"])
     if grid:
         print(f"\ngrid: {grid}")
