@@ -173,11 +173,82 @@ def test_dallebart_trainer_lowers_loss_and_round_trips(tmp_path, pool, tokenizer
     colour = np.asarray([S.COLOUR_NAMES.index(s.objects[0].colour) for s in pool.scenes])
     codes = (colour[:, None] * 2 + (np.arange(16)[None] % 2)).astype(np.int32)
     loop = T.LoopConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
-    model = T.train_dallebart(out, tmp_path / "run", pool, codes, loop, tiny_dallebart_config(bart_vocab))
+    model = T.train_dallebart(out, tmp_path / "run", pool, codes, loop, tiny_dallebart_config(bart_vocab),
+                              object_weight=2.0, onset_weight=10.0)
     losses = _losses(tmp_path / "run")
     assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+    assert "onset_ce" in json.loads((tmp_path / "run" / T.METRICS_FILE).read_text().splitlines()[-1])
     loaded = DB.DalleBart.from_pretrained(out / "dallebart")
     assert loaded.config == model.config and _leaves_equal(loaded.params, model.params)
+
+
+def test_grid_positions_encode_rows_and_columns():
+    table = T.grid_position_embeddings(16, 128, std=0.02)
+    assert table.shape == (256, 128) and np.isclose(table.std(), 0.02, rtol=1e-3)
+
+    def similarity(i, j):
+        return float(table[i] @ table[j] / np.linalg.norm(table[i]) / np.linalg.norm(table[j]))
+
+    # Position 0 is row 0, column 0: its right and lower neighbours are alike, the far corner is not.
+    assert similarity(0, 1) > 0.25 and similarity(0, 16) > 0.25 and similarity(0, 255) < 0.1
+    # The row half of the features is the same along a row, the column half along a column.
+    assert np.allclose(table[3 * 16:4 * 16, :64], table[3 * 16, :64])
+    assert np.allclose(table[5::16, 64:], table[5, 64:])
+
+
+def test_object_token_mask_marks_the_patches_under_the_object():
+    scene = S.SceneSpec((S.ObjectSpec("square", "red", "small", "top left"),), background="blue")
+    image = S.render(scene)
+    mask = T.object_token_mask(image[None], 16)[0].reshape(16, 16)
+    rows, cols = np.nonzero(mask)
+    assert mask.sum() >= 9 and rows.max() < 8 and cols.max() < 8
+    assert not T.object_token_mask(np.full((1, 64, 64, 3), 7, np.uint8), 16).any()
+
+
+def test_code_onsets_find_where_the_background_first_changes():
+    codes = np.full((3, 16), 5)
+    codes[0, 7:9] = 2
+    codes[1, 0] = 9
+    assert T.code_onsets(codes).tolist() == [7, 0, 0]
+
+
+def test_canonical_codes_spell_each_flat_colour_with_one_code():
+    pool = T.make_pool(2, 12, jitter=False, two_objects_prob=0.0)
+    n, grid = len(pool), 16
+    patches = pool.images.reshape(n, grid, 4, grid, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid, grid, 16, 3)
+    flat = np.all(patches == patches[..., :1, :], axis=(-1, -2))
+    colour = np.unique(patches[..., 0, :].reshape(-1, 3), axis=0, return_inverse=True)[1].reshape(n, grid, grid)
+    # The "VQGAN" spells a flat colour with one of two copies at random; edges get code 1000.
+    rng = np.random.default_rng(0)
+    codes = np.where(flat, 2 * colour + rng.integers(0, 2, colour.shape), 1000)
+    canon = T.canonical_codes(pool.images, codes.reshape(n, -1), radius=1).reshape(n, grid, grid)
+    # "Calm": the patch and its 8 neighbours are flat in one colour (outside the image counts as calm).
+    key = np.where(flat, colour, -1)
+    padded = np.pad(key, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    calm = flat.copy()
+    for dy in range(3):
+        for dx in range(3):
+            calm &= padded[:, dy:dy + grid, dx:dx + grid] == key
+    for c in np.unique(colour[calm]):
+        used = np.unique(canon[calm & (colour == c)])
+        assert len(used) == 1 and used[0] // 2 == c  # one code, one of the colour's own copies
+    assert np.array_equal(canon[~calm], codes[~calm])  # edges and the patches next to them keep theirs
+    assert (canon != codes).sum() > 0.2 * calm.sum()
+
+
+def test_one_attribute_neighbours_are_exactly_one_attribute_away():
+    scenes = T.make_pool(5, 400, size=SIDE, jitter=False, two_objects_prob=0.2).scenes
+
+    def attrs(s):
+        o = s.objects[0]
+        return (o.shape, o.colour, o.size, o.position, s.background)
+
+    neighbours = T.one_attribute_neighbours(scenes)
+    for i, s in enumerate(scenes):
+        expected = [j for j, t in enumerate(scenes) if len(s.objects) == len(t.objects) == 1
+                    and sum(a != b for a, b in zip(attrs(s), attrs(t))) == 1]
+        assert sorted(neighbours[i].tolist()) == expected
+    assert sum(len(n) > 0 for n in neighbours) > 20
 
 
 def tiny_clip_config(vocab: int) -> CLIPConfig:
@@ -259,7 +330,16 @@ def test_cli_parses_train_and_eval():
     a = p.parse_args(["train", "default", "--out", "x", "--minutes", "5", "--seed", "3"])
     assert (a.command, a.model, a.out, a.minutes, a.seed) == ("train", "default", "x", 5.0, 3)
     a = p.parse_args(["eval", "--models", "m", "--n", "6"])
-    assert (a.command, a.models, a.n) == ("eval", "m", 6)
+    assert (a.command, a.models, a.n, a.temperature, a.top_k) == ("eval", "m", 6, None, None)
+    a = p.parse_args(["eval", "--temperature", "0.7", "--top-k", "4"])
+    assert (a.temperature, a.top_k) == (0.7, 4)
+
+
+def test_markdown_table_names_the_sampling():
+    acc = {a: 0.5 for a in E.ATTRS}
+    results = {"n": 4, "candidates": 8, "sampling": {"condition_scale": 3.0, "top_k": 8, "temperature": 0.7},
+               **{k: {"psnr": 20.0, "retrieval": 0.25, "random": acc, "clip_top1": acc} for k in E.KINDS}}
+    assert "condition scale 3, top-k 8, temperature 0.7" in E.markdown_table(results)
 
 
 def test_tokenizers_are_the_same_files_every_time(tmp_path):

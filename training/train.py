@@ -508,11 +508,104 @@ def decode_codes(vq: VQGAN, codes: np.ndarray, batch_size: int = 64) -> np.ndarr
 # --------------------------------------------------------------------------- DalleBart
 
 
+def _calm_patches(images: np.ndarray, grid: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """(calm [N, grid, grid] bool, colour key [N, grid, grid] int64) of each image's patches.
+
+    A patch is calm when it and its neighbours within `radius` patches are flat in one colour
+    (outside the image counts as the same colour).
+    """
+    n, side = images.shape[:2]
+    f = side // grid
+    patches = images.reshape(n, grid, f, grid, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid, grid, f * f, 3)
+    first = patches[..., 0, :]
+    flat = np.all(patches == first[..., None, :], axis=(-1, -2))
+    key = np.where(flat, first.astype(np.int64) @ np.asarray([1 << 16, 1 << 8, 1], np.int64), -1)
+    padded = np.pad(key, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
+    calm = flat.copy()
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            calm &= padded[:, dy:dy + grid, dx:dx + grid] == key
+    return calm, key
+
+
+def flat_colour_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1) -> dict[int, int]:
+    """{colour key: the code the VQGAN most often gives calm patches of that colour} over `images`."""
+    grid = math.isqrt(np.asarray(codes).shape[1])
+    calm, key = _calm_patches(np.asarray(images), grid, radius)
+    keys, used = key[calm], np.asarray(codes).reshape(calm.shape)[calm]
+    table = {}
+    for k in np.unique(keys):
+        values, counts = np.unique(used[keys == k], return_counts=True)
+        table[int(k)] = int(values[np.argmax(counts)])
+    return table
+
+
+def canonical_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1,
+                    table: dict[int, int] | None = None) -> np.ndarray:
+    """The codes with every calm patch (see `_calm_patches`) replaced by its colour's usual code.
+
+    The VQGAN's encoder sees the whole image (its middle block attends globally) and its
+    codebook holds several near-copies of each flat colour, so one flat background is spelt with
+    a dozen codes that depend on what else is in the picture. DalleBart would have to guess
+    which copy comes next on every background token -- most of its loss, noise that drowns the
+    few tokens that say where the object is. The usual code of a colour comes from `table`
+    (`flat_colour_codes` of the training images; by default of `images` themselves); the
+    decoder paints the copies alike, so the images barely change.
+    """
+    images, codes = np.asarray(images), np.asarray(codes)
+    table = flat_colour_codes(images, codes, radius) if table is None else table
+    grid = math.isqrt(codes.shape[1])
+    calm, key = _calm_patches(images, grid, radius)
+    out = codes.reshape(calm.shape).copy()
+    for k, code in table.items():
+        out[calm & (key == k)] = code
+    return out.reshape(codes.shape)
+
+
 def write_dallebart_config(out_dir: str | Path, config: DB.DalleBartConfig) -> None:
     """config.json alone, so the text processor can load the folder before the weights exist."""
     folder = Path(out_dir) / "dallebart"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def grid_position_embeddings(grid: int, d_model: int, std: float, length: int | None = None) -> np.ndarray:
+    """[length, d_model] decoder position table whose rows encode (row, column) of the code they predict.
+
+    Decoder position i predicts code i of the raster-ordered grid. Half the features are
+    sinusoids of its row, half of its column (a few frequencies each), scaled to the embedding
+    std. A randomly initialised table has to discover that position 37 sits below position 21
+    one token at a time; with this start, "top left" is a simple function of the features from the first step.
+    """
+    length = grid * grid if length is None else length
+    i = np.arange(length)
+    row, col = i // grid, i % grid
+    half = d_model // 2
+    n_freq = half // 2
+    freqs = np.pi / grid * np.geomspace(1.0, grid, n_freq)  # lowest: half a period over the grid
+
+    def features(x):
+        angles = (x[:, None] + 0.5) * freqs[None]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+    table = np.concatenate([features(row), features(col)], axis=1)
+    table = np.pad(table, ((0, 0), (0, d_model - table.shape[1])))
+    return (table / table.std() * std).astype(np.float32)
+
+
+def object_token_mask(images: np.ndarray, grid: int) -> np.ndarray:
+    """bool [N, grid*grid]: codes whose image patch holds object pixels (pixels unlike the corner)."""
+    n, side = images.shape[:2]
+    f = side // grid
+    obj = np.any(images != images[:, :1, :1], axis=-1)
+    return obj.reshape(n, grid, f, grid, f).any(axis=(2, 4)).reshape(n, grid * grid)
+
+
+def code_onsets(codes: np.ndarray) -> np.ndarray:
+    """int [N]: per code sequence, the index of the first code unlike its most common code (0 if none)."""
+    codes = np.asarray(codes)
+    modes = np.asarray([np.bincount(row).argmax() for row in codes])
+    return np.argmax(codes != modes[:, None], axis=1).astype(np.int32)
 
 
 def train_dallebart(
@@ -525,6 +618,9 @@ def train_dallebart(
     text_dropout: float = 0.15,
     init_params: Any = None,
     caption_full_prob: float = 0.25,
+    grid_positions: bool = True,
+    object_weight: float = 0.0,
+    onset_weight: float = 0.0,
 ) -> DB.DalleBart:
     """DalleBart on (caption, VQGAN codes): the dalle-mini recipe.
 
@@ -534,6 +630,12 @@ def train_dallebart(
     the empty prompt instead (the unconditional row super conditioning uses). A
     `caption_full_prob` share of captions is the canonical phrasing that states every
     attribute; the rest are drawn from the shorter phrasings.
+    `grid_positions` starts the decoder's position table from `grid_position_embeddings`.
+    Codes of patches that hold object pixels weigh `1 + object_weight` in the loss: they are a
+    small share of every image and carry its shape and position. The onset -- the first code
+    that differs from the image's most common one, where the background first gives way to the
+    object -- weighs `1 + onset_weight`: it is the one token that says where the object is;
+    unweighted it is a few percent of the loss, and the model learns shapes long before places.
     Needs `<out_dir>/dallebart` to hold the tokenizer; writes the weights there. `init_params`
     (run-time layout, e.g. `DalleBart.from_pretrained(...).params`) continues from another run.
     """
@@ -545,6 +647,12 @@ def train_dallebart(
     params = DB.init_params(config, loop.seed) if init_params is None else init_params
     n, b = len(pool), loop.batch_size
     codes = np.asarray(codes, np.int32)
+    grid = math.isqrt(codes.shape[1])
+    if init_params is None and grid_positions and config.use_absolute_position_embeddings:
+        table = grid_position_embeddings(grid, config.d_model, config.init_std, config.image_length)
+        params["model"]["decoder"]["embed_positions"]["embedding"] = jnp.asarray(table)
+    object_tokens = object_token_mask(pool.images, grid)
+    onsets = code_onsets(codes)
     start = np.full((b, 1), config.decoder_start_token_id, np.int32)
     # Normalising + tokenising a caption is pure: cache it (captions repeat a lot).
     cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -569,14 +677,19 @@ def train_dallebart(
         mask = np.where(drop[:, None], uncond_mask[None], mask)
         labels = codes[idx]
         dec_in = np.concatenate([start, labels[:, :-1]], axis=1)
-        return tuple(jnp.asarray(x, jnp.int32) for x in (ids, mask, dec_in, labels))
+        return (*(jnp.asarray(x, jnp.int32) for x in (ids, mask, dec_in, labels)), jnp.asarray(object_tokens[idx]), jnp.asarray(onsets[idx]))
 
-    def loss_fn(params, ids, mask, dec_in, labels):
+    def loss_fn(params, ids, mask, dec_in, labels, is_object, onset):
         logits, _ = DB.forward(params, ids, mask, dec_in, config)
         logits = logits.astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        acc = jnp.mean(jnp.argmax(logits, -1) == labels)
-        return ce, {"token_accuracy": acc}
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        hit = jnp.argmax(logits, -1) == labels
+        at_onset = jnp.arange(labels.shape[1])[None, :] == onset[:, None]
+        weights = 1.0 + object_weight * is_object + onset_weight * at_onset
+        object_acc = jnp.sum(hit * is_object) / jnp.maximum(1, jnp.sum(is_object))
+        return jnp.sum(ce * weights) / jnp.sum(weights), {
+            "token_accuracy": jnp.mean(hit), "ce": ce.mean(), "object_token_accuracy": object_acc,
+            "onset_ce": jnp.sum(ce * at_onset) / labels.shape[0]}
 
     state = run_loop("dallebart", run_dir, params, loss_fn, make_batch, loop)
     model = DB.DalleBart(config, state.params)
@@ -608,6 +721,30 @@ def clip_pixels(preprocessor, images: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
+_SCENE_FIELDS = ("shape", "colour", "size", "position")
+
+
+def one_attribute_neighbours(scenes) -> list[np.ndarray]:
+    """Per scene, the pool indices of single-object scenes that differ from it in exactly one
+    of shape, colour, size, position or background (empty for two-object scenes)."""
+    def key(scene):
+        o = scene.objects[0]
+        return (o.shape, o.colour, o.size, o.position, scene.background)
+
+    domains = (S.SHAPES, S.COLOUR_NAMES, S.SIZES, S.POSITION_NAMES, S.BACKGROUNDS)
+    by_key: dict[tuple, list[int]] = {}
+    for i, scene in enumerate(scenes):
+        if len(scene.objects) == 1:
+            by_key.setdefault(key(scene), []).append(i)
+    found: dict[tuple, np.ndarray] = {}
+    for k in by_key:
+        near = [j for f, domain in enumerate(domains) for v in domain if v != k[f]
+                for j in by_key.get(k[:f] + (v,) + k[f + 1:], ())]
+        found[k] = np.asarray(near, np.int64)
+    empty = np.zeros(0, np.int64)
+    return [found[key(s)] if len(s.objects) == 1 else empty for s in scenes]
+
+
 def train_clip(
     out_dir: str | Path,
     run_dir: str | Path,
@@ -616,13 +753,22 @@ def train_clip(
     config: CLIPConfig,
     reconstructions: np.ndarray | None = None,
     recon_prob: float = 0.5,
+    hard_pair_share: float = 0.5,
+    caption_full_prob: float = 0.25,
+    grid_positions: bool = True,
 ) -> CLIP:
     """CLIP, contrastively on (image, caption) pairs of the pool.
 
     `reconstructions` (uint8, aligned with the first len(reconstructions) pool samples) are the
-    VQGAN's versions of those images: a `recon_prob` share of every batch uses them, so the
-    ranker learns on the kind of image it will rank. Needs the tokenizer and
-    preprocessor_config.json in `<out_dir>/clip`; writes the weights there.
+    VQGAN's versions of those images: a `recon_prob` share of them in every batch is used
+    instead, so the ranker learns on the kind of image it will rank.
+
+    A `hard_pair_share` of every batch is pairs of scenes one attribute apart, both with the
+    full caption: in a batch of random scenes, colour and background alone tell the pairs apart,
+    and the ranker's job is to tell a right shape or position from a wrong one. The rest are
+    random scenes whose captions are the full one with probability `caption_full_prob`.
+    `grid_positions` starts the vision position table from 2-D sinusoids of the patch grid.
+    Needs the tokenizer and preprocessor_config.json in `<out_dir>/clip`; writes the weights there.
     """
     from PIL import Image
 
@@ -637,20 +783,32 @@ def train_clip(
                        atol=1e-5):
         raise AssertionError("clip_pixels disagrees with the CLIP preprocessor")
     clip = CLIP.init_random(config, loop.seed)
+    if grid_positions:
+        vcfg = config.vision_config
+        side = vcfg.image_size // vcfg.patch_hw[0]
+        table = grid_position_embeddings(side, vcfg.hidden_size, vcfg.initializer_range * vcfg.initializer_factor)
+        emb = clip.params["vision_model"]["embeddings"]["position_embedding"]
+        emb["embedding"] = emb["embedding"].at[1:].set(jnp.asarray(table))  # row 0: the class token
     module = clip.module
     n, b = len(pool), loop.batch_size
     n_recon = 0 if reconstructions is None else len(reconstructions)
+    neighbours = one_attribute_neighbours(pool.scenes)
+    anchors = np.flatnonzero([len(x) > 0 for x in neighbours])
+    n_pairs = min(b // 2, int(b * hard_pair_share) // 2) if len(anchors) else 0
 
     def make_batch(step: int):
         rng = batch_rng(loop.seed, step, 5)
-        idx = rng.choice(n, b, replace=False)
+        first = rng.choice(anchors, n_pairs, replace=False) if n_pairs else np.zeros(0, np.int64)
+        second = np.asarray([rng.choice(neighbours[i]) for i in first], np.int64)
+        rest = rng.choice(n, b - 2 * n_pairs, replace=False)
+        idx = np.concatenate([first, second, rest])
+        full = np.concatenate([np.ones(2 * n_pairs, bool), rng.random(len(rest)) < caption_full_prob])
         images = pool.images[idx].copy()
         if n_recon:
-            swap = rng.random(b) < recon_prob
-            ridx = rng.integers(0, n_recon, b)
-            idx = np.where(swap, ridx, idx)
-            images[swap] = reconstructions[ridx[swap]]
-        text = tokenizer(sample_captions([pool.scenes[i] for i in idx], rng), pad_to_max_length=True)
+            swap = (rng.random(b) < recon_prob) & (idx < n_recon)
+            images[swap] = reconstructions[idx[swap]]
+        captions = [S.caption(pool.scenes[i], rng, full=bool(f)) for i, f in zip(idx, full)]
+        text = tokenizer(captions, pad_to_max_length=True)
         return (jnp.asarray(text["input_ids"]), jnp.asarray(text["attention_mask"]),
                 jnp.asarray(clip_pixels(preprocessor, images)))
 
@@ -694,8 +852,9 @@ def train_default(
 ) -> dict:
     """Train the whole default set into `out_dir` within about `time_budget_minutes`.
 
-    VQGAN; its codes of the pool; optionally the VQGAN decoder fine-tuned on those fixed codes;
-    DalleBart on the codes; CLIP on pool images and their VQGAN reconstructions. Each phase
+    VQGAN; its codes of the pool, each flat colour spelt with one code (`canonical_codes`);
+    optionally the VQGAN decoder fine-tuned on those fixed codes; DalleBart on the codes (the
+    object's codes and its onset weighted up); CLIP on pool images and their VQGAN reconstructions. Each phase
     stops at the end of its share of the budget (`shares`, cumulative from the start; a zero
     share skips the phase) or at its step cap.
 
@@ -751,6 +910,9 @@ def train_default(
         codes = encode_pool(vq, pool.images)
         np.save(codes_path, codes)
     summary["codes_used"] = int(len(np.unique(codes)))
+    # DalleBart learns (and CLIP sees reconstructions of) the codes with each flat colour spelt one way.
+    codes = canonical_codes(pool.images, codes)
+    summary["codes_used_canonical"] = int(len(np.unique(codes)))
     phase("vqgan_decoder", run_dir / "vqgan-decoder",
           lambda: finetune_vqgan_decoder(out_dir, run_dir / "vqgan-decoder", vq, pool, codes,
                                          loop(1, lr=5e-4, warmup=20)), shares[1])
@@ -759,12 +921,14 @@ def train_default(
     # 3. DalleBart on the codes
     phase("dallebart", run_dir / "dallebart",
           lambda: train_dallebart(out_dir, run_dir / "dallebart", pool, codes, loop(2, lr=2e-3, warmup=100),
-                                  M.dallebart_config(bart_vocab), caption_full_prob=caption_full_prob))
+                                  M.dallebart_config(bart_vocab), caption_full_prob=caption_full_prob,
+                                  object_weight=2.0, onset_weight=20.0))
 
     # 4. CLIP, on originals and VQGAN reconstructions
     def clip_phase():
-        recon = decode_codes(vq, codes[: min(len(pool), 2000)])
-        train_clip(out_dir, run_dir / "clip", pool, loop(3, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon)
+        recon = decode_codes(vq, codes[: min(len(pool), 4000)])
+        train_clip(out_dir, run_dir / "clip", pool, loop(3, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon,
+                   recon_prob=1.0)
 
     phase("clip", run_dir / "clip", clip_phase)
 
