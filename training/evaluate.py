@@ -139,9 +139,8 @@ def evaluate(
     # What the table reports: the overrides, else the set's own defaults (as the server applies them).
     sampling = dict(scale)
     if top_k is None:
-        default_top_k = [s.describe()["default_top_k"] for s in pipeline.stages if "default_top_k" in s.describe()]
-        if default_top_k:
-            sampling["top_k"] = default_top_k[0]
+        described = [stage.describe() for stage in pipeline.stages]
+        sampling.update(next(({"top_k": d["default_top_k"]} for d in described if "default_top_k" in d), {}))
     results: dict[str, Any] = {"models": str(models), "n": n, "candidates": candidates, "seed": seed,
                                "sampling": sampling, "condition_scale": scale["condition_scale"]}
     grid: list[tuple[str, np.ndarray, list[np.ndarray]]] = []

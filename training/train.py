@@ -528,16 +528,20 @@ def _calm_patches(images: np.ndarray, grid: int, radius: int) -> tuple[np.ndarra
     return calm, key
 
 
-def flat_colour_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1) -> dict[int, int]:
-    """{colour key: the code the VQGAN most often gives calm patches of that colour} over `images`."""
-    grid = math.isqrt(np.asarray(codes).shape[1])
-    calm, key = _calm_patches(np.asarray(images), grid, radius)
-    keys, used = key[calm], np.asarray(codes).reshape(calm.shape)[calm]
+def _usual_codes(calm: np.ndarray, key: np.ndarray, grid_codes: np.ndarray) -> dict[int, int]:
+    keys, used = key[calm], grid_codes[calm]
     table = {}
     for k in np.unique(keys):
         values, counts = np.unique(used[keys == k], return_counts=True)
         table[int(k)] = int(values[np.argmax(counts)])
     return table
+
+
+def flat_colour_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1) -> dict[int, int]:
+    """{colour key: the code the VQGAN most often gives calm patches of that colour} over `images`."""
+    codes = np.asarray(codes)
+    calm, key = _calm_patches(np.asarray(images), math.isqrt(codes.shape[1]), radius)
+    return _usual_codes(calm, key, codes.reshape(calm.shape))
 
 
 def canonical_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1,
@@ -553,10 +557,9 @@ def canonical_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1,
     decoder paints the copies alike, so the images barely change.
     """
     images, codes = np.asarray(images), np.asarray(codes)
-    table = flat_colour_codes(images, codes, radius) if table is None else table
-    grid = math.isqrt(codes.shape[1])
-    calm, key = _calm_patches(images, grid, radius)
+    calm, key = _calm_patches(images, math.isqrt(codes.shape[1]), radius)
     out = codes.reshape(calm.shape).copy()
+    table = _usual_codes(calm, key, out) if table is None else table
     for k, code in table.items():
         out[calm & (key == k)] = code
     return out.reshape(codes.shape)
