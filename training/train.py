@@ -276,6 +276,11 @@ def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
     return [S.caption(s, rng, full=bool(i % 4 == 0)) for i, s in enumerate(scenes)] + S.caption_words()
 
 
+def object_pixels(images: np.ndarray) -> np.ndarray:
+    """bool [N, H, W, 1]: pixels unlike the image's corner pixel, which the generator always leaves background."""
+    return np.any(images != images[:, :1, :1], axis=-1, keepdims=True)
+
+
 # --------------------------------------------------------------------------- VQGAN
 
 
@@ -334,7 +339,7 @@ def train_vqgan(
         rng = batch_rng(loop.seed, step, 1)
         idx = rng.integers(0, n, loop.batch_size)
         imgs = pool.images[idx]
-        weights = 1.0 + object_weight * np.any(imgs != imgs[:, :1, :1], axis=-1, keepdims=True)
+        weights = 1.0 + object_weight * object_pixels(imgs)
         if crop < side and rng.random() >= full_prob:
             ys = rng.integers(0, side - crop + 1, loop.batch_size)
             xs = rng.integers(0, side - crop + 1, loop.batch_size)
@@ -358,7 +363,7 @@ def train_vqgan(
 
     def full_batch(rng: np.random.Generator, size: int = 64):
         imgs = pool.images[rng.integers(0, n, size)]
-        weights = 1.0 + object_weight * np.any(imgs != imgs[:, :1, :1], axis=-1, keepdims=True)
+        weights = 1.0 + object_weight * object_pixels(imgs)
         return jnp.asarray(imgs, jnp.float32) / 255.0, weights
 
     ema = codebook_decay is not None
@@ -457,7 +462,7 @@ def finetune_vqgan_decoder(
         rng = batch_rng(loop.seed, step, 6)
         idx = rng.integers(0, n, loop.batch_size)
         imgs, c = pool.images[idx], codes[idx]
-        weights = 1.0 + object_weight * np.any(imgs != imgs[:, :1, :1], axis=-1, keepdims=True)
+        weights = 1.0 + object_weight * object_pixels(imgs)
         if crop_codes < grid and rng.random() >= full_prob:
             ys = rng.integers(0, grid - crop_codes + 1, loop.batch_size)
             xs = rng.integers(0, grid - crop_codes + 1, loop.batch_size)
@@ -600,7 +605,7 @@ def object_token_mask(images: np.ndarray, grid: int) -> np.ndarray:
     """bool [N, grid*grid]: codes whose image patch holds object pixels (pixels unlike the corner)."""
     n, side = images.shape[:2]
     f = side // grid
-    obj = np.any(images != images[:, :1, :1], axis=-1)
+    obj = object_pixels(images)[..., 0]
     return obj.reshape(n, grid, f, grid, f).any(axis=(2, 4)).reshape(n, grid * grid)
 
 
