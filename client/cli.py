@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: random)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: the model's, 50)")
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
-    p.add_argument("--temperature", type=float, help="sampling temperature, > 0 (default 1)")
-    p.add_argument("--condition-scale", type=float, help="super-conditioning scale (default 10)")
+    p.add_argument("--temperature", type=float, help="sampling temperature, > 0 (default: the server's, see `info`)")
+    p.add_argument("--condition-scale", type=float, help="super-conditioning scale (default: the server's, see `info`)")
     p.add_argument("--format", choices=("png", "jpeg", "webp"), default="png", help="image format")
     p.add_argument("--quality", type=int, default=0, help="JPEG/WebP quality 1..100 (default 90)")
     p.add_argument("--preview-every", type=int, default=0,
@@ -237,6 +237,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  prompt: {lim.max_prompt_chars} characters, {lim.max_prompt_tokens} tokens")
     print(f"  batching: {lim.num_slots} sampler rows, {lim.chunk_steps} tokens per step, "
           f"queue of {lim.max_queued_requests} requests")
+    print(f"  sampling defaults: condition scale {lim.default_condition_scale:g}, "
+          f"temperature {lim.default_temperature:g}, top-k up to {lim.max_top_k}")
     print(f"  rank: {'available' if info.has_ranker else 'not available'}; up to {lim.max_rank_images} images "
           f"of {lim.max_rank_image_bytes} bytes and {lim.max_rank_image_pixels} pixels each")
     return 0

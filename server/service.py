@@ -261,7 +261,8 @@ class PaletteServicer(pb_grpc.PaletteServicer):
                     max_rank_image_bytes=self.config.max_rank_image_bytes,
                     max_rank_image_pixels=self.config.max_rank_image_pixels,
                     max_top_k=self.pipeline.sampler.max_top_k,
-                    default_condition_scale=self.pipeline.default_condition_scale))
+                    default_condition_scale=self.pipeline.default_condition_scale,
+                    default_temperature=self.pipeline.default_temperature))
         except Exception:  # noqa: BLE001
             call.internal()
             return pb.ModelInfo()

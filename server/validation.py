@@ -15,7 +15,6 @@ from .images import FORMATS
 
 SEED_SPACE = 2**32 - 1  # seeds are 1..2^32-1; 0 on the wire means "choose one"
 DEFAULT_TOP_P = 1.0
-DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +62,7 @@ def parse_generate(request: pb.GenerateRequest, pipeline: Pipeline) -> GenerateS
     top_p = request.top_p if request.HasField("top_p") else DEFAULT_TOP_P
     if not 0.0 < top_p <= 1.0:  # also refuses NaN
         problems.append(f"top_p must be in (0, 1], got {top_p:g}")
-    temperature = request.temperature if request.HasField("temperature") else DEFAULT_TEMPERATURE
+    temperature = request.temperature if request.HasField("temperature") else pipeline.default_temperature
     if not (temperature > 0.0 and math.isfinite(temperature)):
         problems.append(f"temperature must be a finite number > 0, got {temperature:g}")
     scale = request.condition_scale if request.HasField("condition_scale") else pipeline.default_condition_scale

@@ -4,6 +4,7 @@
     dtype = "auto"               # compute dtype unless a stage says otherwise: auto = bf16 on GPU/TPU, fp32 on CPU
     max_images_per_request = 16
     condition_scale = 10.0       # used when a request leaves it unset
+    temperature = 1.0            # used when a request leaves it unset
 
     [[stages]]                   # in execution order
     name = "text"
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -64,8 +66,23 @@ class Limits:
     image_size: tuple[int, int]  # (height, width)
 
 
-PIPELINE_SETTINGS = ("dtype", "max_images_per_request", "model_parallel", "condition_scale")
+PIPELINE_SETTINGS = ("dtype", "max_images_per_request", "model_parallel", "condition_scale", "temperature")
 DEFAULT_CONDITION_SCALE = 10.0  # DALL·E Mini's; a pipeline may set its own under [pipeline]
+DEFAULT_TEMPERATURE = 1.0  # likewise
+
+
+def sampling_defaults(settings: dict[str, Any]) -> tuple[float, float]:
+    """(condition_scale, temperature) a request gets when it leaves them unset; StageError if unusable."""
+    try:
+        scale = float(settings.get("condition_scale", DEFAULT_CONDITION_SCALE))
+        temperature = float(settings.get("temperature", DEFAULT_TEMPERATURE))
+    except (TypeError, ValueError) as err:
+        raise StageError(f"[pipeline] condition_scale and temperature must be numbers: {err}") from None
+    if not math.isfinite(scale):
+        raise StageError(f"[pipeline] condition_scale must be a finite number, got {scale}")
+    if not (temperature > 0.0 and math.isfinite(temperature)):
+        raise StageError(f"[pipeline] temperature must be a finite number > 0, got {temperature}")
+    return scale, temperature
 
 
 def _model_parallel(settings: dict[str, Any], stages: Sequence[Stage], base_dir: Path) -> int:
@@ -121,7 +138,8 @@ class Pipeline:
         rankers = [s for s in self.stages if SCORE in s.produces]
         self.ranker = rankers[0] if rankers else None
         # Used when a request leaves condition_scale unset: small models want less than Mini's 10.
-        self.default_condition_scale = float(settings.get("condition_scale", DEFAULT_CONDITION_SCALE))
+        # Likewise the temperature: a small model's long tail draws specks that a cooler softmax avoids.
+        self.default_condition_scale, self.default_temperature = sampling_defaults(settings)
         side = int(round(self.sampler.image_length ** 0.5))
         probe = self.decoder.decode(np.zeros((1, self.sampler.image_length), np.int32))[0]
         self.limits = Limits(
@@ -167,6 +185,7 @@ class Pipeline:
             spec.update({k: v for k, v in overrides.items() if k in spec or k in cls_.tunable})
             stages.append(cls_(name, spec))
         check_wiring(stages)  # before any weights are loaded
+        sampling_defaults(settings)
         devices = devices or DeviceState.create(model_parallel=_model_parallel(settings, stages, path.parent))
         context = StageContext(devices=devices, base_dir=path.parent, dtype=settings.get("dtype", "auto"))
         for stage in stages:
@@ -226,4 +245,5 @@ class Pipeline:
             "limits": dataclasses.asdict(self.limits),
             "settings": self.settings,
             "default_condition_scale": self.default_condition_scale,
+            "default_temperature": self.default_temperature,
         }

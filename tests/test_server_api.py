@@ -120,6 +120,22 @@ def test_model_info(client):
     assert info.limits.max_images_per_request == limits.max_images_per_request
     assert (info.limits.image_height, info.limits.image_width) == tuple(limits.image_size)
     assert any(s.checkpoint for s in info.stages) and any(s.dtype for s in info.stages)
+    # The sampling defaults the embedded set's pipeline.toml chose (not the protocol's 10 and 1).
+    settings = pipeline().settings
+    assert info.limits.default_condition_scale == pytest.approx(settings["condition_scale"])
+    assert info.limits.default_temperature == pytest.approx(settings["temperature"])
+
+
+def test_unset_sampling_options_take_the_pipeline_defaults(client):
+    p = pipeline()
+    assert (p.default_condition_scale, p.default_temperature) != (10.0, 1.0)
+    unset = client.generate_images("a red circle on a blue background", 1, seed=21).images[0]
+    spelt = client.generate_images("a red circle on a blue background", 1, seed=21, temperature=p.default_temperature,
+                                   condition_scale=p.default_condition_scale).images[0]
+    protocol = client.generate_images("a red circle on a blue background", 1, seed=21, temperature=1.0,
+                                      condition_scale=10.0).images[0]
+    assert unset.data == spelt.data
+    assert unset.data != protocol.data
 
 
 def test_request_id_round_trips(client):

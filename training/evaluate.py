@@ -131,9 +131,8 @@ def evaluate(
     scorer = CLIPScorer.from_pretrained(models / "clip")
     # Unset: what the server would use for this model set.
     scale = {"condition_scale": float(pipeline.default_condition_scale if condition_scale is None
-                                      else condition_scale)}
-    if temperature is not None:
-        scale["temperature"] = float(temperature)
+                                      else condition_scale),
+             "temperature": float(pipeline.default_temperature if temperature is None else temperature)}
     if top_k is not None:
         scale["top_k"] = int(top_k)
     # What the table reports: the overrides, else the set's own defaults (as the server applies them).
