@@ -212,28 +212,32 @@ def test_code_onsets_find_where_the_background_first_changes():
     assert T.code_onsets(codes).tolist() == [7, 0, 0]
 
 
-def test_canonical_codes_spell_each_flat_colour_with_one_code():
+def test_canonical_codes_spell_each_patch_with_one_code():
     pool = T.make_pool(2, 12, jitter=False, two_objects_prob=0.0)
     n, grid = len(pool), 16
-    patches = pool.images.reshape(n, grid, 4, grid, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid, grid, 16, 3)
-    flat = np.all(patches == patches[..., :1, :], axis=(-1, -2))
-    colour = np.unique(patches[..., 0, :].reshape(-1, 3), axis=0, return_inverse=True)[1].reshape(n, grid, grid)
-    # The "VQGAN" spells a flat colour with one of two copies at random; edges get code 1000.
+    patches = pool.images.reshape(n, grid, 4, grid, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n * grid * grid, -1)
+    content = np.unique(patches, axis=0, return_inverse=True)[1].reshape(-1)
+    # The "VQGAN" spells each distinct patch with one of three copies at random (as context would sway it).
     rng = np.random.default_rng(0)
-    codes = np.where(flat, 2 * colour + rng.integers(0, 2, colour.shape), 1000)
-    canon = T.canonical_codes(pool.images, codes.reshape(n, -1), radius=1).reshape(n, grid, grid)
-    # "Calm": the patch and its 8 neighbours are flat in one colour (outside the image counts as calm).
-    key = np.where(flat, colour, -1)
-    padded = np.pad(key, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    calm = flat.copy()
-    for dy in range(3):
-        for dx in range(3):
-            calm &= padded[:, dy:dy + grid, dx:dx + grid] == key
-    for c in np.unique(colour[calm]):
-        used = np.unique(canon[calm & (colour == c)])
-        assert len(used) == 1 and used[0] // 2 == c  # one code, one of the colour's own copies
-    assert np.array_equal(canon[~calm], codes[~calm])  # edges and the patches next to them keep theirs
-    assert (canon != codes).sum() > 0.2 * calm.sum()
+    codes = (3 * content + rng.integers(0, 3, content.shape)).reshape(n, -1)
+    canon = T.canonical_codes(pool.images, codes).reshape(-1)
+    calm = T.calm_patches(pool.images, grid).reshape(-1)
+    key = np.unique(T.patch_contents(pool.images, grid).reshape(-1), return_inverse=True)[1]
+    for k in np.unique(key):
+        used = np.unique(canon[key == k])
+        assert len(used) == 1 and used[0] // 3 == content[key == k][0]  # one code, one of the patch's own copies
+    # Open background (calm) and everything else never share a code, even in the same colour:
+    # the flat inside of an object must not read as background.
+    assert calm.any() and (~calm & (patches == patches[:, :3].repeat(16, axis=1)).all(axis=1)).any()
+    assert not set(canon[calm].tolist()) & set(canon[~calm].tolist())
+    assert (canon != codes.reshape(-1)).mean() > 0.3
+    # With another set's table, patches it has seen get its codes; unseen ones keep their own.
+    other = T.make_pool(3, 4, jitter=False, two_objects_prob=0.0)
+    table = T.content_code_table(other.images, np.zeros((4, grid * grid), np.int64) + 7)
+    again = T.canonical_codes(pool.images, codes, table).reshape(-1)
+    known = np.asarray([k.tobytes() in table for k in T.patch_contents(pool.images, grid).reshape(-1)])
+    assert known.any() and not known.all()
+    assert (again[known] == 7).all() and np.array_equal(again[~known], codes.reshape(-1)[~known])
 
 
 def test_one_attribute_neighbours_are_exactly_one_attribute_away():

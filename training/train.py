@@ -445,8 +445,9 @@ def finetune_vqgan_decoder(
 ) -> VQGAN:
     """Train only the decoder side (post_quant_conv + decoder) on fixed codes of the pool.
 
-    The encoder and codebook stay as they are, so every code sequence DalleBart learnt keeps
-    its meaning; the decoder just learns to draw the codes more sharply. Same loss as
+    The encoder and codebook stay as they are, so every code keeps its meaning; the decoder
+    learns to draw these code grids -- the canonical spellings DalleBart is taught, which the
+    encoder alone would seldom produce -- as the images they came from. Same loss as
     `train_vqgan` (object-weighted L1 + L2), on whole code grids or `crop_codes`-wide crops of
     them. Writes `<out_dir>/vqgan`.
     """
@@ -513,61 +514,87 @@ def decode_codes(vq: VQGAN, codes: np.ndarray, batch_size: int = 64) -> np.ndarr
 # --------------------------------------------------------------------------- DalleBart
 
 
-def _calm_patches(images: np.ndarray, grid: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """(calm [N, grid, grid] bool, colour key [N, grid, grid] int64) of each image's patches.
-
-    A patch is calm when it and its neighbours within `radius` patches are flat in one colour
-    (outside the image counts as the same colour).
-    """
+def calm_patches(images: np.ndarray, grid: int) -> np.ndarray:
+    """bool [N, grid*grid]: patches that are flat in one colour, as are their 8 neighbours
+    (outside the image counts as the same colour) -- open background, not the edge of anything."""
+    images = np.asarray(images)
     n, side = images.shape[:2]
     f = side // grid
     patches = images.reshape(n, grid, f, grid, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid, grid, f * f, 3)
     first = patches[..., 0, :]
     flat = np.all(patches == first[..., None, :], axis=(-1, -2))
     key = np.where(flat, first.astype(np.int64) @ np.asarray([1 << 16, 1 << 8, 1], np.int64), -1)
-    padded = np.pad(key, ((0, 0), (radius, radius), (radius, radius)), mode="edge")
+    padded = np.pad(key, ((0, 0), (1, 1), (1, 1)), mode="edge")
     calm = flat.copy()
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
+    for dy in range(3):
+        for dx in range(3):
             calm &= padded[:, dy:dy + grid, dx:dx + grid] == key
-    return calm, key
+    return calm.reshape(n, grid * grid)
 
 
-def _usual_codes(calm: np.ndarray, key: np.ndarray, grid_codes: np.ndarray) -> dict[int, int]:
-    keys, used = key[calm], grid_codes[calm]
-    table = {}
-    for k in np.unique(keys):
-        values, counts = np.unique(used[keys == k], return_counts=True)
-        table[int(k)] = int(values[np.argmax(counts)])
-    return table
+def patch_contents(images: np.ndarray, grid: int) -> np.ndarray:
+    """[N, grid*grid] keys (numpy void scalars): each code's patch as its exact pixels, and whether it is calm.
+
+    Calmness is part of the key so that open background and the flat inside of an object (or the
+    background right next to it) stay apart even in the same colour: DalleBart reads "am I in the
+    object yet?" from them.
+    """
+    images = np.asarray(images)
+    n, side = images.shape[:2]
+    f = side // grid
+    patches = images.reshape(n, grid, f, grid, f, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n * grid * grid, -1)
+    calm = calm_patches(images, grid).reshape(-1, 1).astype(images.dtype)
+    keyed = np.ascontiguousarray(np.concatenate([patches, calm], axis=1))
+    return keyed.view(np.dtype((np.void, keyed.shape[1] * keyed.itemsize))).reshape(n, grid * grid)
 
 
-def flat_colour_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1) -> dict[int, int]:
-    """{colour key: the code the VQGAN most often gives calm patches of that colour} over `images`."""
-    codes = np.asarray(codes)
-    calm, key = _calm_patches(np.asarray(images), math.isqrt(codes.shape[1]), radius)
-    return _usual_codes(calm, key, codes.reshape(calm.shape))
+def content_code_table(images: np.ndarray, codes: np.ndarray) -> dict[bytes, int]:
+    """{patch key (`patch_contents`): the code the VQGAN most often gives such a patch} over `images`.
+
+    Other patches never take a code that open background is spelt with (their most used other
+    code, if they have one), so the inside of an object never reads as background. Ties go to the
+    lower code: the table is deterministic.
+    """
+    codes = np.asarray(codes, np.int64)
+    grid = math.isqrt(codes.shape[1])
+    contents, content_of = np.unique(patch_contents(images, grid).ravel(), return_inverse=True)
+    content_is_calm = np.zeros(len(contents), bool)
+    content_is_calm[content_of[calm_patches(images, grid).ravel()]] = True
+    radix = int(codes.max()) + 1
+    pairs, counts = np.unique(content_of.astype(np.int64) * radix + codes.ravel(), return_counts=True)
+    content, code = np.divmod(pairs, radix)
+
+    def usual(reserved: np.ndarray) -> np.ndarray:
+        order = np.lexsort((code, -counts, reserved, content))  # per content: allowed, most used, lowest
+        first = np.ones(len(order), bool)
+        first[1:] = content[order][1:] != content[order][:-1]
+        return order[first]
+
+    plain = usual(np.zeros(len(code), bool))
+    open_background = np.unique(code[plain][content_is_calm[content[plain]]])
+    best = usual(~content_is_calm[content] & np.isin(code, open_background))
+    return {contents[content[i]].tobytes(): int(code[i]) for i in best}
 
 
-def canonical_codes(images: np.ndarray, codes: np.ndarray, radius: int = 1,
-                    table: dict[int, int] | None = None) -> np.ndarray:
-    """The codes with every calm patch (see `_calm_patches`) replaced by its colour's usual code.
+def canonical_codes(images: np.ndarray, codes: np.ndarray, table: dict[bytes, int] | None = None) -> np.ndarray:
+    """The codes with every patch replaced by the usual code of its exact pixels (`content_code_table`;
+    open background and patches near an object are told apart, see `patch_contents`).
 
-    The VQGAN's encoder sees the whole image (its middle block attends globally) and its
-    codebook holds several near-copies of each flat colour, so one flat background is spelt with
-    a dozen codes that depend on what else is in the picture. DalleBart would have to guess
-    which copy comes next on every background token -- most of its loss, noise that drowns the
-    few tokens that say where the object is. The usual code of a colour comes from `table`
-    (`flat_colour_codes` of the training images; by default of `images` themselves); the
-    decoder paints the copies alike, so the images barely change.
+    The VQGAN's encoder sees the whole image (its middle block attends globally) and its codebook
+    holds near-copies, so the same patch -- a flat background, or the same piece of a star's
+    edge -- is spelt with different codes depending on what else is in the picture: only ~20 %
+    of a pool's tokens are their patch's usual code. DalleBart would have to guess which copy
+    comes next, noise that swamps the few tokens that carry the object's shape and place. After
+    this, a token is a function of its patch alone. The table comes from the training images
+    (`table`; by default `images` themselves); a patch it lacks keeps its code. The decoder paints
+    the copies nearly alike, and `finetune_vqgan_decoder` on the canonical codes closes the rest.
     """
     images, codes = np.asarray(images), np.asarray(codes)
-    calm, key = _calm_patches(images, math.isqrt(codes.shape[1]), radius)
-    out = codes.reshape(calm.shape).copy()
-    table = _usual_codes(calm, key, out) if table is None else table
-    for k, code in table.items():
-        out[calm & (key == k)] = code
-    return out.reshape(codes.shape)
+    table = content_code_table(images, codes) if table is None else table
+    contents, content_of = np.unique(patch_contents(images, math.isqrt(codes.shape[1])).ravel(),
+                                     return_inverse=True)
+    usual = np.asarray([table.get(c.tobytes(), -1) for c in contents], np.int64)[content_of]
+    return np.where(usual >= 0, usual, codes.ravel()).reshape(codes.shape).astype(codes.dtype)
 
 
 def write_dallebart_config(out_dir: str | Path, config: DB.DalleBartConfig) -> None:
@@ -837,8 +864,9 @@ def train_clip(
 
 #: Shares of the time budget, in order: VQGAN, VQGAN decoder fine-tuning (0 skips it), DalleBart,
 #: CLIP (the rest is data, encoding and saving). DalleBart gets the most: it has 256 codes per
-#: caption to learn and was still improving at the end, so the fine-tune's time goes to it.
-BUDGET_SHARES = (0.34, 0.0, 0.53, 0.13)
+#: caption to learn and was still improving at the end. The decoder's few minutes teach it the
+#: canonical spellings of patches (`canonical_codes`), which the encoder alone seldom writes.
+BUDGET_SHARES = (0.30, 0.04, 0.53, 0.13)
 
 
 def _minutes_until(t: float) -> float:
@@ -860,8 +888,8 @@ def train_default(
 ) -> dict:
     """Train the whole default set into `out_dir` within about `time_budget_minutes`.
 
-    VQGAN; its codes of the pool, each flat colour spelt with one code (`canonical_codes`);
-    optionally the VQGAN decoder fine-tuned on those fixed codes; DalleBart on the codes (the
+    VQGAN; its codes of the pool, each distinct patch spelt with one code (`canonical_codes`);
+    the VQGAN decoder fine-tuned on those fixed codes; DalleBart on the codes (the
     object's codes and its onset weighted up); CLIP on pool images and their VQGAN reconstructions. Each phase
     stops at the end of its share of the budget (`shares`, cumulative from the start; a zero
     share skips the phase) or at its step cap.
@@ -918,7 +946,8 @@ def train_default(
         codes = encode_pool(vq, pool.images)
         np.save(codes_path, codes)
     summary["codes_used"] = int(len(np.unique(codes)))
-    # DalleBart learns (and CLIP sees reconstructions of) the codes with each flat colour spelt one way.
+    # DalleBart learns (and CLIP sees reconstructions of) the codes with each patch spelt one way;
+    # the decoder then learns to paint exactly those spellings.
     codes = canonical_codes(pool.images, codes)
     summary["codes_used_canonical"] = int(len(np.unique(codes)))
     phase("vqgan_decoder", run_dir / "vqgan-decoder",
