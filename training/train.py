@@ -514,16 +514,22 @@ def decode_codes(vq: VQGAN, codes: np.ndarray, batch_size: int = 64) -> np.ndarr
 # --------------------------------------------------------------------------- DalleBart
 
 
+def _patch_pixels(images: np.ndarray, grid: int) -> np.ndarray:
+    """[N, grid*grid, f*f, C]: each code's patch of the images, in raster order."""
+    n, side = images.shape[:2]
+    f = side // grid
+    return images.reshape(n, grid, f, grid, f, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, f * f, -1)
+
+
 def calm_patches(images: np.ndarray, grid: int) -> np.ndarray:
     """bool [N, grid*grid]: patches that are flat in one colour, as are their 8 neighbours
     (outside the image counts as the same colour) -- open background, not the edge of anything."""
     images = np.asarray(images)
-    n, side = images.shape[:2]
-    f = side // grid
-    patches = images.reshape(n, grid, f, grid, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid, grid, f * f, 3)
+    n = images.shape[0]
+    patches = _patch_pixels(images, grid)
     first = patches[..., 0, :]
-    flat = np.all(patches == first[..., None, :], axis=(-1, -2))
-    key = np.where(flat, first.astype(np.int64) @ np.asarray([1 << 16, 1 << 8, 1], np.int64), -1)
+    flat = np.all(patches == first[..., None, :], axis=(-1, -2)).reshape(n, grid, grid)
+    key = np.where(flat, (first.astype(np.int64) @ np.asarray([1 << 16, 1 << 8, 1], np.int64)).reshape(n, grid, grid), -1)
     padded = np.pad(key, ((0, 0), (1, 1), (1, 1)), mode="edge")
     calm = flat.copy()
     for dy in range(3):
@@ -540,10 +546,9 @@ def patch_contents(images: np.ndarray, grid: int) -> np.ndarray:
     object yet?" from them.
     """
     images = np.asarray(images)
-    n, side = images.shape[:2]
-    f = side // grid
-    patches = images.reshape(n, grid, f, grid, f, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n * grid * grid, -1)
-    calm = calm_patches(images, grid).reshape(-1, 1).astype(images.dtype)
+    n = images.shape[0]
+    patches = _patch_pixels(images, grid).reshape(n * grid * grid, -1)
+    calm = calm_patches(images, grid).reshape(-1, 1).astype(images.dtype)  # last byte of the key
     keyed = np.ascontiguousarray(np.concatenate([patches, calm], axis=1))
     return keyed.view(np.dtype((np.void, keyed.shape[1] * keyed.itemsize))).reshape(n, grid * grid)
 
@@ -558,8 +563,7 @@ def content_code_table(images: np.ndarray, codes: np.ndarray) -> dict[bytes, int
     codes = np.asarray(codes, np.int64)
     grid = math.isqrt(codes.shape[1])
     contents, content_of = np.unique(patch_contents(images, grid).ravel(), return_inverse=True)
-    content_is_calm = np.zeros(len(contents), bool)
-    content_is_calm[content_of[calm_patches(images, grid).ravel()]] = True
+    content_is_calm = np.asarray([c.tobytes()[-1] for c in contents], bool)  # see patch_contents
     radix = int(codes.max()) + 1
     pairs, counts = np.unique(content_of.astype(np.int64) * radix + codes.ravel(), return_counts=True)
     content, code = np.divmod(pairs, radix)
