@@ -20,10 +20,10 @@ from palette.training.analyse import analyse
 from server_fixtures import running_server
 
 # Seen colour×shape pairs (held-out ones never appear in training), three seeds each.
-PROMPTS = [
-    ("a large red circle in the centre on a white background", "red", "white"),
-    ("a large blue square in the centre on a yellow background", "blue", "yellow"),
-    ("a large green circle in the centre on a red background", "green", "red"),
+PROMPTS = [  # (prompt, colour, background, shape)
+    ("a large red circle in the centre on a white background", "red", "white", "circle"),
+    ("a large blue square in the centre on a yellow background", "blue", "yellow", "square"),
+    ("a large green circle in the centre on a red background", "green", "red", "circle"),
 ]
 SEEDS = (1, 2, 3)
 
@@ -40,7 +40,7 @@ def readings() -> dict[str, list[dict]]:
     """For each prompt, what the analyser reads in each served candidate (best CLIP score first)."""
     out = {}
     with running_server() as server, PaletteClient(server.address) as client:
-        for prompt, _, _ in PROMPTS:
+        for prompt, *_ in PROMPTS:
             images = [e for e in client.generate(prompt, len(SEEDS), seed=SEEDS[0], rank=True)
                       if isinstance(e, GeneratedImage)]
             assert len(images) == len(SEEDS)
@@ -48,12 +48,13 @@ def readings() -> dict[str, list[dict]]:
             for image in sorted(images, key=lambda im: -im.score):
                 analysis = analyse(np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB")))
                 rows.append({"seed": image.seed, "score": round(image.score, 2), "background": analysis.background,
-                             "colours": [o.colour for o in analysis.objects]})
+                             "colours": [o.colour for o in analysis.objects],
+                             "shapes": [o.shape for o in analysis.objects]})
             out[prompt] = rows
     return out
 
 
-@pytest.mark.parametrize("prompt,colour,background", PROMPTS, ids=[p[1] for p in PROMPTS])
+@pytest.mark.parametrize("prompt,colour,background", [p[:3] for p in PROMPTS], ids=[p[1] for p in PROMPTS])
 def test_the_clip_top_image_has_the_prompted_colours(readings, prompt, colour, background):
     best = readings[prompt][0]
     assert best["background"] == background and colour in best["colours"], json.dumps(readings[prompt])
@@ -62,6 +63,12 @@ def test_the_clip_top_image_has_the_prompted_colours(readings, prompt, colour, b
 def test_most_candidates_have_the_prompted_colours(readings):
     """Not only CLIP's pick: the sampler itself mostly draws the right colours."""
     right = sum(r["background"] == background and colour in r["colours"]
-                for prompt, colour, background in PROMPTS for r in readings[prompt])
+                for prompt, colour, background, _ in PROMPTS for r in readings[prompt])
     total = len(PROMPTS) * len(SEEDS)
     assert right >= 2 * total // 3, json.dumps(readings, indent=1)
+
+
+def test_most_candidates_draw_the_prompted_shape(readings):
+    """The shape, read back from the image, is the prompted one for most candidates (chance: 1 in 6)."""
+    right = sum(r["shapes"][:1] == [shape] for prompt, *_, shape in PROMPTS for r in readings[prompt])
+    assert right >= 2 * len(PROMPTS) * len(SEEDS) // 3, json.dumps(readings, indent=1)
