@@ -105,10 +105,9 @@ def test_wiring_errors_name_the_stage(tmp_path):
                                               ('condition_scale = "high"', "must be numbers"),
                                               ("condition_scale = inf", "condition_scale must be a finite number")])
 def test_unusable_sampling_defaults_are_refused_before_weights_load(tmp_path, setting, message):
-    text = DEFAULT.read_text().replace("[pipeline]\n", f"[pipeline]\n{setting}\n", 1)
-    for line in ("condition_scale = ", "temperature = "):  # the set's own values would clash (duplicate key)
-        if setting.startswith(line):
-            text = "\n".join(l for l in text.splitlines() if not l.startswith(line) or l == setting) + "\n"
+    # Without the set's own values (they would clash as duplicate keys), then the unusable one.
+    kept = [l for l in DEFAULT.read_text().splitlines() if not l.startswith(("condition_scale = ", "temperature = "))]
+    text = "\n".join(kept).replace("[pipeline]\n", f"[pipeline]\n{setting}\n", 1) + "\n"
     path = tmp_path / "pipeline.toml"
     path.write_text(text)
     with pytest.raises(StageError, match=message):
