@@ -85,8 +85,11 @@ _HELDOUT_SET = frozenset(HELDOUT)
 # Geometry, as fractions of the image side
 # --------------------------------------------------------------------------
 
-#: Centre of grid column/row 0, 1, 2.
-GRID_CENTRES: tuple[float, float, float] = (0.22, 0.5, 0.78)
+#: Centre of grid column/row 0, 1, 2: quarters of the side, so that at 64x64 (16 px apart)
+#: every position puts an object at the same offset within a VQGAN f4 code's 4x4 patch. An
+#: object then has the same codes wherever it is, shifted by whole codes, and DalleBart learns
+#: one spelling per shape rather than one per shape and position.
+GRID_CENTRES: tuple[float, float, float] = (0.25, 0.5, 0.75)
 #: Half the side of an object's (square) bounding box, per size. At 64x64 a small object
 #: is 18 px across and a large one 26 px: smaller, a star's points and a ring's hole are a
 #: pixel or two wide and no longer survive a 16x16 grid of codes.
