@@ -276,6 +276,51 @@ def test_clip_trainer_lowers_loss_and_round_trips(tmp_path, pool, tokenizers):
     assert _leaves_equal(loaded.params, clip.params)
 
 
+def test_clip_trainer_takes_negative_images(tmp_path, pool, tokenizers):
+    out, _, clip_vocab = tokenizers
+    loop = T.LoopConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
+    spoilt = pool.images[:8, ::-1]  # any images no caption describes
+    clip = T.train_clip(out, tmp_path / "run", pool, loop, tiny_clip_config(clip_vocab),
+                        reconstructions=pool.images[:8], negatives=spoilt, negatives_per_batch=4)
+    losses = _losses(tmp_path / "run")
+    assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5])
+    assert _leaves_equal(CLIP.from_pretrained(out / "clip").params, clip.params)
+
+
+def test_contrastive_loss_with_negative_images():
+    from palette.stages.models.clip import clip_loss
+
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+    assert np.isclose(float(T.contrastive_loss(logits)), float(clip_loss(logits)), atol=1e-6)
+    # A negative image that every caption likes a lot costs; one they dislike costs next to nothing.
+    liked = jnp.concatenate([logits, jnp.full((4, 1), 10.0)], axis=1)
+    disliked = jnp.concatenate([logits, jnp.full((4, 1), -30.0)], axis=1)
+    assert float(T.contrastive_loss(liked)) > float(T.contrastive_loss(logits)) + 1.0
+    assert np.isclose(float(T.contrastive_loss(disliked)), float(clip_loss(logits)), atol=1e-4)
+
+
+def test_corrupt_codes_spoil_the_object_and_its_surroundings_only():
+    pool = T.make_pool(4, 24, jitter=False, two_objects_prob=0.2)
+    grid = 16
+    # Codes: one per distinct 4x4 patch (as canonical codes are).
+    patches = pool.images.reshape(len(pool), grid, 4, grid, 4, 3).transpose(0, 1, 3, 2, 4, 5)
+    codes = np.unique(patches.reshape(len(pool) * grid * grid, -1), axis=0, return_inverse=True)[1]
+    codes = codes.reshape(len(pool), grid * grid)
+    is_object = T.object_token_mask(pool.images, grid)
+    empty = np.zeros((1, grid * grid), bool)
+    spoilt = T.corrupt_codes(codes, is_object, np.random.default_rng(1))
+    assert np.array_equal(spoilt, T.corrupt_codes(codes, is_object, np.random.default_rng(1)))
+    assert np.array_equal(T.corrupt_codes(codes[:1], empty, np.random.default_rng(1)), codes[:1])
+    for before, after, obj in zip(codes, spoilt, is_object):
+        changed = before != after
+        assert changed.any()
+        assert set(after[changed].tolist()) <= set(before.tolist())  # only codes the grid already had
+        rows, cols = np.divmod(np.flatnonzero(obj), grid)
+        for i in np.flatnonzero(changed):
+            r, c = divmod(i, grid)
+            assert np.min(np.maximum(np.abs(rows - r), np.abs(cols - c))) <= 3
+
+
 def test_clip_pixels_match_the_preprocessor(tokenizers, pool):
     from PIL import Image
 
