@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -18,7 +19,7 @@ from palette.stages.clip_processing import (
     CLIPImagePreprocessor,
     CLIPTextTokenizer,
 )
-from palette.stages.models.clip import CLIP, CLIPConfig
+from palette.stages.models.clip import CLIP, CLIPConfig, clip_loss
 from palette.stages.ranker import CLIPScorer
 
 MEAN = np.asarray(OPENAI_CLIP_MEAN, np.float32)[:, None, None]
@@ -275,3 +276,22 @@ def test_contrastive_loss_decreases_with_adam():
     assert np.isfinite(losses).all() and losses[-1] < 0.75 * losses[0], losses
     with pytest.raises(ValueError, match="pairs text i with image i"):
         model.contrastive_loss(params, ids, mask, pixels[:3])
+
+
+def test_clip_loss_takes_negative_images_as_extra_columns():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+    square = float(clip_loss(logits))
+    expected = 0.5 * (float(_diagonal_cross_entropy(logits)) + float(_diagonal_cross_entropy(logits.T)))
+    assert np.isclose(square, expected, atol=1e-6)
+    # A negative image that every text likes a lot costs; one they all dislike costs next to nothing.
+    liked = jnp.concatenate([logits, jnp.full((4, 1), 10.0)], axis=1)
+    disliked = jnp.concatenate([logits, jnp.full((4, 1), -30.0)], axis=1)
+    assert float(clip_loss(liked)) > square + 1.0
+    assert np.isclose(float(clip_loss(disliked)), square, atol=1e-4)
+
+
+def _diagonal_cross_entropy(x):
+    """Mean cross-entropy of each row against the diagonal, written out."""
+    x = np.asarray(x, np.float64)
+    log_p = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return -np.mean(np.diag(log_p))

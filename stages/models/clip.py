@@ -618,14 +618,20 @@ class CLIP:
 
 
 def clip_loss(logits_per_text: jax.Array) -> jax.Array:
-    """Mean of the text->image and image->text cross-entropies with the diagonal as targets."""
+    """Mean of the text->image and image->text cross-entropies with the diagonal as targets.
+
+    Logits may be [B, B + K]: the last K columns are then images no text describes (negatives).
+    Each text's cross-entropy runs over all B + K images; the image->text term over the B
+    described images only, since the K others have no right text.
+    """
     logits = logits_per_text.astype(jnp.float32)
-    labels = jnp.arange(logits.shape[0])
+    n = logits.shape[0]
+    labels = jnp.arange(n)
 
     def cross_entropy(x: jax.Array) -> jax.Array:
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), labels[:, None], axis=-1))
 
-    return 0.5 * (cross_entropy(logits) + cross_entropy(logits.T))
+    return 0.5 * (cross_entropy(logits) + cross_entropy(logits[:, :n].T))
 
 
 def _np_dtype(dtype: Any) -> Any:
