@@ -159,7 +159,8 @@ def _erode(mask: np.ndarray) -> np.ndarray:
     return mask & p[:h, 1:w + 1] & p[2:, 1:w + 1] & p[1:h + 1, :w] & p[1:h + 1, 2:]
 
 
-def _dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
+    """`mask` grown by `steps` cells in all 8 directions (nothing enters from outside)."""
     h, w = mask.shape
     for _ in range(steps):
         p = np.pad(mask, 1, constant_values=False)
@@ -309,7 +310,7 @@ def _split(comp: np.ndarray, img: np.ndarray, bg: int, min_area: int) -> list[tu
                 taken |= m
     if not parts:
         return [(comp, k0)]
-    rest = comp & ~_dilate(taken, 1)
+    rest = comp & ~dilate(taken, 1)
     if int(rest.sum()) >= min_area:
         parts.insert(0, (rest, k0))
     # Re-read each part's colour from its own pixels.
@@ -354,7 +355,7 @@ def analyse(image: np.ndarray, *, max_objects: int = 8) -> Analysis:
         # Re-cut the edge half-way between background and object colour.
         axis = _PALETTE[k] - bg_rgb
         alpha = ((img - bg_rgb) @ axis) / float(axis @ axis)
-        mask = (alpha >= 0.5) & _dilate(part, 2) & ~claimed
+        mask = (alpha >= 0.5) & dilate(part, 2) & ~claimed
         if len(parts) > 1:
             # Keep to pixels no other part holds (a neighbour's colour can project past 1/2 on this axis).
             others = np.zeros_like(part)

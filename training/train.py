@@ -40,6 +40,7 @@ from palette.stages.models import dallebart as DB
 from palette.stages.models.clip import CLIP, CLIPConfig, clip_loss
 from palette.stages.models.vqgan import VQGAN, VQGANConfig, VQModel
 
+from . import analyse as A
 from . import model_set as M
 from . import shapes as S
 
@@ -680,12 +681,7 @@ def corrupt_codes(codes: np.ndarray, is_object: np.ndarray, rng: np.random.Gener
             codes[i, picked[holes]] = background
             codes[i, picked[~holes]] = source[rng.choice(obj, int((~holes).sum()))]
         if kinds[2]:
-            rows, cols = np.divmod(obj, grid)
-            near = np.zeros((grid, grid), bool)
-            for dy in range(-3, 4):
-                for dx in range(-3, 4):
-                    near[np.clip(rows + dy, 0, grid - 1), np.clip(cols + dx, 0, grid - 1)] = True
-            near = near.reshape(-1) & ~is_object[i]
+            near = A.dilate(is_object[i].reshape(grid, grid), 3).reshape(-1) & ~is_object[i]
             spots = np.flatnonzero(near)
             if spots.size:
                 k = min(spots.size, int(rng.integers(specks[0], specks[1] + 1)))
