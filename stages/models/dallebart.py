@@ -268,15 +268,39 @@ def decoder_layer(h, self_kv, self_allowed, cross_kv, cross_allowed, p, config: 
     return h + feed_forward(h, p, config), new_cache
 
 
-def lm_logits(params: Params, h: jax.Array, config: DalleBartConfig) -> jax.Array:
-    p = params["model"]["decoder"]
+def final_norm(params: Params, h: jax.Array, config: DalleBartConfig) -> jax.Array:
+    """The decoder's last hidden states as lm_head reads them (after the final layer norm, if any)."""
     if config.use_final_ln_decoder:
-        h = layer_norm(h, p["final_ln"])
+        h = layer_norm(h, params["model"]["decoder"]["final_ln"])
+    return h
+
+
+def lm_logits(params: Params, h: jax.Array, config: DalleBartConfig) -> jax.Array:
+    h = final_norm(params, h, config)
     if config.tie_word_embeddings:
-        kernel = p["embed_tokens"]["embedding"].T
+        kernel = params["model"]["decoder"]["embed_tokens"]["embedding"].T
     else:
         kernel = params["lm_head"]["kernel"]
     return (h @ kernel).astype(jnp.float32)
+
+
+def decoder_states(
+    params: Params,
+    decoder_input_ids: jax.Array,
+    enc: jax.Array,
+    attention_mask: jax.Array,
+    config: DalleBartConfig,
+) -> jax.Array:
+    """Teacher-forced decoder layers over the whole sequence: [B, Ld] -> hidden states [B, Ld, D]
+    (before the final layer norm)."""
+    length = decoder_input_ids.shape[1]
+    h = embed(decoder_input_ids, jnp.arange(length)[None, :], params["model"]["decoder"], config)
+    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
+    cross_allowed = attention_mask[:, None, None, :].astype(bool)
+    no_cache = lambda k, v: (k, v, None)  # noqa: E731 - full sequence: keys are this pass's keys
+    for p, kv in zip(decoder_layers(params, config), cross_attention_kv(params, enc, config)):
+        h, _ = decoder_layer(h, no_cache, causal, kv, cross_allowed, p, config)
+    return h
 
 
 def decode(
@@ -287,14 +311,7 @@ def decode(
     config: DalleBartConfig,
 ) -> jax.Array:
     """Teacher-forced decoder over the whole sequence: [B, Ld] -> logits [B, Ld, image_vocab_size + 1]."""
-    length = decoder_input_ids.shape[1]
-    h = embed(decoder_input_ids, jnp.arange(length)[None, :], params["model"]["decoder"], config)
-    causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-    cross_allowed = attention_mask[:, None, None, :].astype(bool)
-    no_cache = lambda k, v: (k, v, None)  # noqa: E731 - full sequence: keys are this pass's keys
-    for p, kv in zip(decoder_layers(params, config), cross_attention_kv(params, enc, config)):
-        h, _ = decoder_layer(h, no_cache, causal, kv, cross_allowed, p, config)
-    return lm_logits(params, h, config)
+    return lm_logits(params, decoder_states(params, decoder_input_ids, enc, attention_mask, config), config)
 
 
 def forward(params: Params, input_ids, attention_mask, decoder_input_ids, config: DalleBartConfig):
