@@ -151,6 +151,20 @@ def test_captions_mention_the_scene():
     assert len(phrasings) >= 10  # varied phrasings
 
 
+def test_colourless_captions_leave_out_the_objects_colours_and_only_them():
+    rng = np.random.default_rng(23)
+    for _ in range(500):
+        scene = S.sample_scene(rng, two_objects_prob=0.4)
+        text, mentioned = S.caption_and_mentions(scene, rng, colourless=True)
+        assert "colour" not in mentioned and "shape" in mentioned
+        _check_mentions(text, scene, mentioned)
+        words = text.replace(",", " ").split()
+        assert not set(words) & {o.colour for o in scene.objects}, text
+        assert "  " not in text and not re.search(r"\ban [^aeiou]|\ba [aeiou]", text), text  # articles still fit
+    one = S.SceneSpec((S.ObjectSpec("circle", "red", "large", "top left"),), "blue")
+    assert S.caption(one, colourless=True) == "a large circle in the top left corner on a blue background"
+
+
 def test_dataset_captions_describe_their_images():
     it = S.iterate_dataset(99, two_objects_prob=0.5)
     for _ in range(200):

@@ -386,7 +386,7 @@ _TWO = (
 _TWO_FULL = "{a_z1} {c1} {s1} {p1} and {a_z2} {c2} {s2} {p2} on {a_b} background"
 
 
-def _fields(scene: SceneSpec, rng: np.random.Generator | None) -> dict[str, str]:
+def _fields(scene: SceneSpec, rng: np.random.Generator | None, colourless: bool = False) -> dict[str, str]:
     def choose(options: Sequence[str]) -> str:
         return options[0] if rng is None else _pick(rng, options)
 
@@ -394,8 +394,8 @@ def _fields(scene: SceneSpec, rng: np.random.Generator | None) -> dict[str, str]
     for i, o in enumerate(scene.objects):
         k = "" if len(scene.objects) == 1 else str(i + 1)
         f.update({
-            f"c{k}": o.colour, f"s{k}": o.shape, f"z{k}": o.size,
-            f"a_c{k}": _a(o.colour), f"a_z{k}": _a(o.size),
+            f"c{k}": "" if colourless else o.colour, f"s{k}": o.shape, f"z{k}": o.size,
+            f"a_c{k}": _a(o.shape).split()[0] if colourless else _a(o.colour), f"a_z{k}": _a(o.size),
             f"p{k}": choose(_POSITION_PHRASES[o.position]), f"q{k}": o.position,
         })
     if scene.relation is not None:
@@ -403,20 +403,27 @@ def _fields(scene: SceneSpec, rng: np.random.Generator | None) -> dict[str, str]
     return f
 
 
-def caption_and_mentions(scene: SceneSpec, rng: np.random.Generator | None = None, *, full: bool = False) -> tuple[str, frozenset[str]]:
-    """A caption and the attributes it mentions. `full` (or no rng) gives the canonical phrasing that mentions all."""
+def caption_and_mentions(scene: SceneSpec, rng: np.random.Generator | None = None, *, full: bool = False,
+                         colourless: bool = False) -> tuple[str, frozenset[str]]:
+    """A caption and the attributes it mentions. `full` (or no rng) gives the canonical phrasing that
+    mentions all; `colourless` leaves out the objects' colours ("a large ring in the centre ...")."""
     two = len(scene.objects) == 2
     if full or rng is None:
         template = _TWO_FULL if two else _ONE_FULL
         mentioned = set(ATTRIBUTES) if two else set(ATTRIBUTES) - {"relation"}
     else:
         template, mentioned = _pick(rng, _TWO if two else _ONE)
-    return template.format(**_fields(scene, None if full else rng)), frozenset(mentioned)
+    text = template.format(**_fields(scene, None if full else rng, colourless))
+    if colourless:
+        text, mentioned = " ".join(text.split()), set(mentioned) - {"colour"}
+    return text, frozenset(mentioned)
 
 
-def caption(scene: SceneSpec, rng: np.random.Generator | None = None, *, full: bool = False) -> str:
-    """A caption of the scene in a phrasing drawn from `rng` (canonical and complete when `full` or no rng)."""
-    return caption_and_mentions(scene, rng, full=full)[0]
+def caption(scene: SceneSpec, rng: np.random.Generator | None = None, *, full: bool = False,
+            colourless: bool = False) -> str:
+    """A caption of the scene in a phrasing drawn from `rng` (canonical and complete when `full` or no rng;
+    without the objects' colours when `colourless`)."""
+    return caption_and_mentions(scene, rng, full=full, colourless=colourless)[0]
 
 
 def caption_words() -> list[str]:
