@@ -3,6 +3,7 @@ the released-format folder round-trips through the loaders), the evaluation help
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -15,6 +16,7 @@ from palette.stages.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVis
 from palette.stages.models.vqgan import VQGAN, VQGANConfig
 from palette.training import evaluate as E
 from palette.training import model_set as M
+from palette.training import patch_codes as PC
 from palette.training import shapes as S
 from palette.training import train as T
 from palette.training.cli import build_parser
@@ -126,17 +128,24 @@ def test_learning_rate_schedule():
 # ----------------------------------------------------------------------------- the trainers
 
 
-def tiny_vqgan_config() -> VQGANConfig:
+@pytest.fixture(scope="module")
+def vocabulary():
+    return PC.PatchVocabulary.for_images(SIDE, SIDE // 2)
+
+
+def tiny_vqgan_config(vocabulary) -> VQGANConfig:
     return VQGANConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=SIDE,
-                       z_channels=8, embed_dim=4, n_embed=16)
+                       z_channels=8, embed_dim=sum(T.PART_DIMS), n_embed=vocabulary.size)
 
 
-def test_vqgan_trainer_lowers_loss_and_round_trips(tmp_path, pool):
+def test_vqgan_trainer_lowers_loss_and_round_trips(tmp_path, pool, vocabulary):
+    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
     loop = T.LoopConfig(steps=30, batch_size=8, lr=2e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
-    # crop=SIDE: whole images only, one compiled shape (crops are exercised by the default training).
-    vq = T.train_vqgan(tmp_path / "set", tmp_path / "run", pool, loop, tiny_vqgan_config(), crop=SIDE, restart_every=10)
-    losses = _losses(tmp_path / "run")
+    vq = T.train_vqgan(tmp_path / "set", tmp_path / "run", pool, codes, vocabulary, loop, tiny_vqgan_config(vocabulary))
+    records = [json.loads(line) for line in (tmp_path / "run" / T.METRICS_FILE).read_text().splitlines()]
+    losses = [r["loss"] for r in records]
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+    assert np.mean([r["code_accuracy"] for r in records[-5:]]) > np.mean([r["code_accuracy"] for r in records[:5]])
     loaded = VQGAN.from_pretrained(tmp_path / "set" / "vqgan")
     assert loaded.config == vq.config and _leaves_equal(loaded.params, vq.params)
     images = jnp.asarray(pool.images[:4], jnp.float32) / 255.0
@@ -144,18 +153,18 @@ def test_vqgan_trainer_lowers_loss_and_round_trips(tmp_path, pool):
     assert T.is_done(tmp_path / "run")
 
 
-def test_decoder_finetune_keeps_encoder_and_codebook(tmp_path, pool):
-    vq = VQGAN.init_random(tiny_vqgan_config(), 0)
-    codes = T.encode_pool(vq, pool.images, batch_size=16)
-    loop = T.LoopConfig(steps=20, batch_size=8, lr=2e-3, warmup=2, log_every=1, checkpoint_every=10, progress=False)
-    tuned = T.finetune_vqgan_decoder(tmp_path / "set", tmp_path / "run", vq, pool, codes, loop, crop_codes=4)
-    losses = _losses(tmp_path / "run")
-    assert np.mean(losses[-4:]) < np.mean(losses[:4])
-    for frozen in ("encoder", "quant_conv", "quantize"):
-        assert _leaves_equal(tuned.params[frozen], vq.params[frozen])
-    assert not _leaves_equal(tuned.params["decoder"], vq.params["decoder"])
-    np.testing.assert_array_equal(T.encode_pool(tuned, pool.images, batch_size=16), codes)
-    assert _leaves_equal(VQGAN.from_pretrained(tmp_path / "set" / "vqgan").params, tuned.params)
+def test_the_product_codebook_finds_the_nearest_code_part_by_part(vocabulary):
+    rng = np.random.default_rng(0)
+    parts = {name: jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
+             for name, n, d in zip(("mask", "colour", "background"), vocabulary.factor_sizes, T.PART_DIMS)}
+    table = np.asarray(T.product_codebook(parts, vocabulary))
+    assert table.shape == (vocabulary.size, sum(T.PART_DIMS))
+    latents = rng.normal(size=(200, sum(T.PART_DIMS))).astype(np.float32)
+    flat = np.argmin(((latents[:, None] - table[None]) ** 2).sum(-1), axis=1)
+    bounds = np.cumsum((0,) + T.PART_DIMS)
+    per_part = [np.argmin(((latents[:, None, lo:hi] - np.asarray(p)[None]) ** 2).sum(-1), axis=1)
+                for (lo, hi), p in zip(zip(bounds[:-1], bounds[1:]), parts.values())]
+    np.testing.assert_array_equal(flat, vocabulary.code(*per_part))
 
 
 def tiny_dallebart_config(vocab: int) -> DB.DalleBartConfig:
@@ -180,6 +189,48 @@ def test_dallebart_trainer_lowers_loss_and_round_trips(tmp_path, pool, tokenizer
     assert "onset_ce" in json.loads((tmp_path / "run" / T.METRICS_FILE).read_text().splitlines()[-1])
     loaded = DB.DalleBart.from_pretrained(out / "dallebart")
     assert loaded.config == model.config and _leaves_equal(loaded.params, model.params)
+
+
+def test_factored_dallebart_learns_and_saves_logits_that_factor(tmp_path, pool, tokenizers, vocabulary):
+    out, bart_vocab, _ = tokenizers
+    out = out.parent / "factored"
+    (out / "dallebart").mkdir(parents=True)
+    for f in (tokenizers[0] / "dallebart").iterdir():
+        (out / "dallebart" / f.name).write_bytes(f.read_bytes())
+    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
+    v = vocabulary.size
+    config = dataclasses.replace(tiny_dallebart_config(bart_vocab), image_vocab_size=v, image_length=codes.shape[1],
+                                 decoder_start_token_id=v, bos_token_id=v + 1, eos_token_id=v + 1, pad_token_id=v + 1)
+    loop = T.LoopConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
+    model = T.train_dallebart(out, tmp_path / "run", pool, codes, loop, config, vocabulary=vocabulary,
+                              first_weight=5.0, colourless_prob=0.3)
+    losses = _losses(tmp_path / "run")
+    assert "first_ce" in json.loads((tmp_path / "run" / T.METRICS_FILE).read_text().splitlines()[-1])
+    assert np.mean(losses[-5:]) < 0.75 * np.mean(losses[:5])
+    loaded = DB.DalleBart.from_pretrained(out / "dallebart")
+    assert loaded.config == model.config and _leaves_equal(loaded.params, model.params)
+    # The saved lm_head is the factored one: over the image codes, log-softmax of the flat logits
+    # is the sum of the three factors' log-softmaxes -- the likelihood the trainer optimised.
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(5, config.d_model)), jnp.float32)
+    kernel = loaded.params["lm_head"]["kernel"][:, :v]
+    flat = jax.nn.log_softmax(h @ kernel, axis=-1)
+    picked = vocabulary.all_factors()
+    # Recover each factor's vectors from the flat table: codes that differ only in that factor.
+    k = np.asarray(kernel)
+    base = k[:, vocabulary.code(0, 0, 0)][:, None]
+    tables = [k[:, vocabulary.code(np.arange(vocabulary.num_masks), 0, 0)],
+              k[:, vocabulary.code(0, np.arange(PC.N_COLOURS), 0)] - base,
+              k[:, vocabulary.code(0, 0, np.arange(PC.N_COLOURS))] - base]
+    factored = sum(jax.nn.log_softmax(h @ t, axis=-1)[:, i] for t, i in zip(tables, picked))
+    np.testing.assert_allclose(np.asarray(flat), np.asarray(factored), atol=1e-4)
+
+
+def test_colourless_captions_need_factored_codes(tmp_path, pool, tokenizers):
+    out, bart_vocab, _ = tokenizers
+    codes = np.zeros((len(pool), 16), np.int32)
+    with pytest.raises(ValueError, match="colourless"):
+        T.train_dallebart(out, tmp_path / "run", pool, codes, T.LoopConfig(steps=1, progress=False),
+                          tiny_dallebart_config(bart_vocab), colourless_prob=0.2)
 
 
 def test_grid_positions_encode_rows_and_columns():
@@ -210,34 +261,6 @@ def test_code_onsets_find_where_the_background_first_changes():
     codes[0, 7:9] = 2
     codes[1, 0] = 9
     assert T.code_onsets(codes).tolist() == [7, 0, 0]
-
-
-def test_canonical_codes_spell_each_patch_with_one_code():
-    pool = T.make_pool(2, 12, jitter=False, two_objects_prob=0.0)
-    n, grid = len(pool), 16
-    patches = pool.images.reshape(n, grid, 4, grid, 4, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n * grid * grid, -1)
-    content = np.unique(patches, axis=0, return_inverse=True)[1].reshape(-1)
-    # The "VQGAN" spells each distinct patch with one of three copies at random (as context would sway it).
-    rng = np.random.default_rng(0)
-    codes = (3 * content + rng.integers(0, 3, content.shape)).reshape(n, -1)
-    canon = T.canonical_codes(pool.images, codes).reshape(-1)
-    calm = T.calm_patches(pool.images, grid).reshape(-1)
-    key = np.unique(T.patch_contents(pool.images, grid).reshape(-1), return_inverse=True)[1]
-    for k in np.unique(key):
-        used = np.unique(canon[key == k])
-        assert len(used) == 1 and used[0] // 3 == content[key == k][0]  # one code, one of the patch's own copies
-    # Open background (calm) and everything else never share a code, even in the same colour:
-    # the flat inside of an object must not read as background.
-    assert calm.any() and (~calm & (patches == patches[:, :3].repeat(16, axis=1)).all(axis=1)).any()
-    assert not set(canon[calm].tolist()) & set(canon[~calm].tolist())
-    assert (canon != codes.reshape(-1)).mean() > 0.3
-    # With another set's table, patches it has seen get its codes; unseen ones keep their own.
-    other = T.make_pool(3, 4, jitter=False, two_objects_prob=0.0)
-    table = T.content_code_table(other.images, np.zeros((4, grid * grid), np.int64) + 7)
-    again = T.canonical_codes(pool.images, codes, table).reshape(-1)
-    known = np.asarray([k.tobytes() in table for k in T.patch_contents(pool.images, grid).reshape(-1)])
-    assert known.any() and not known.all()
-    assert (again[known] == 7).all() and np.array_equal(again[~known], codes.reshape(-1)[~known])
 
 
 def test_one_attribute_neighbours_are_exactly_one_attribute_away():
@@ -290,7 +313,7 @@ def test_clip_trainer_takes_negative_images(tmp_path, pool, tokenizers):
 def test_corrupt_codes_spoil_the_object_and_its_surroundings_only():
     pool = T.make_pool(4, 24, jitter=False, two_objects_prob=0.2)
     grid = 16
-    # Codes: one per distinct 4x4 patch (as canonical codes are).
+    # Codes: one per distinct 4x4 patch.
     patches = pool.images.reshape(len(pool), grid, 4, grid, 4, 3).transpose(0, 1, 3, 2, 4, 5)
     codes = np.unique(patches.reshape(len(pool) * grid * grid, -1), axis=0, return_inverse=True)[1]
     codes = codes.reshape(len(pool), grid * grid)

@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _train_one(args: argparse.Namespace) -> None:
     from . import model_set as M
+    from . import patch_codes as PC
     from . import train as T
 
     out = Path(args.out)
@@ -74,22 +75,20 @@ def _train_one(args: argparse.Namespace) -> None:
     defaults = {"vqgan": (16, 1e-3, 50), "dallebart": (32, 2e-3, 100), "clip": (128, 1e-3, 50)}[args.model]
     loop = T.LoopConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size or defaults[0],
                         lr=defaults[1], warmup=defaults[2], seed=args.seed, progress=not args.no_progress)
+    vocabulary = PC.PatchVocabulary.for_images(M.IMAGE_SIZE, M.GRID)
+    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
     if args.model == "vqgan":
-        T.train_vqgan(out, run_dir, pool, loop)
+        T.train_vqgan(out, run_dir, pool, codes, vocabulary, loop)
+    elif args.model == "dallebart":
+        T.train_dallebart(out, run_dir, pool, codes, loop, M.dallebart_config(bart_vocab, vocabulary.size),
+                          vocabulary=vocabulary)
     else:
         from palette.stages.models.vqgan import VQGAN
 
-        vq = VQGAN.from_pretrained(out / "vqgan") if (out / "vqgan" / "config.json").is_file() else None
-        if args.model == "dallebart":
-            if vq is None:
-                raise SystemExit(f"{out / 'vqgan'} is missing: train the VQGAN first")
-            T.train_dallebart(out, run_dir, pool, T.encode_pool(vq, pool.images), loop, M.dallebart_config(bart_vocab))
-        else:
-            recon = None
-            if vq is not None:
-                n = min(len(pool), 2000)
-                recon = T.decode_codes(vq, T.encode_pool(vq, pool.images[:n]))
-            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon)
+        recon = None
+        if (out / "vqgan" / "config.json").is_file():
+            recon = T.decode_codes(VQGAN.from_pretrained(out / "vqgan"), codes[: min(len(pool), 2000)])
+        T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon)
     if not (out / "pipeline.toml").is_file():
         M.write_pipeline_config(out, f"trained by `palette train` (seed {args.seed})")
 

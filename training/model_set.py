@@ -36,24 +36,24 @@ TEXT_VOCAB = 512
 MAX_TEXT_LENGTH = 32
 
 
-def vqgan_config() -> VQGANConfig:
+def vqgan_config(n_embed: int = CODEBOOK_SIZE, embed_dim: int = 16) -> VQGANConfig:
     # ch=64 at full resolution: GroupNorm has 32 groups, and with 32 channels each group is one
     # channel, which normalises away every channel's flat value -- the decoder could then not
-    # paint flat backgrounds. No attention in the levels (the mid block still attends): the
-    # trainer feeds crops as well as whole images, and convolutions see a crop as they see the
-    # same region of an image. num_res_blocks=0 keeps the encoder to its downsampling convs.
+    # paint flat backgrounds. No attention in the levels (the mid block attends globally, which is
+    # how the encoder finds the colour of the object a background patch is nearest).
+    # num_res_blocks=0 keeps the encoder to its downsampling convs.
     return VQGANConfig(ch=64, ch_mult=(1, 1, 1), num_res_blocks=0, attn_resolutions=(),
-                       resolution=IMAGE_SIZE, z_channels=64, embed_dim=16, n_embed=CODEBOOK_SIZE)
+                       resolution=IMAGE_SIZE, z_channels=64, embed_dim=embed_dim, n_embed=n_embed)
 
 
-def dallebart_config(encoder_vocab_size: int) -> DalleBartConfig:
+def dallebart_config(encoder_vocab_size: int, image_vocab_size: int = CODEBOOK_SIZE) -> DalleBartConfig:
+    v = image_vocab_size
     return DalleBartConfig(
-        encoder_vocab_size=encoder_vocab_size, image_vocab_size=CODEBOOK_SIZE, image_length=GRID * GRID,
+        encoder_vocab_size=encoder_vocab_size, image_vocab_size=v, image_length=GRID * GRID,
         max_text_length=MAX_TEXT_LENGTH, d_model=128, encoder_layers=2, decoder_layers=3,
         encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=256, decoder_ffn_dim=256,
         ln_positions="normformer", use_glu=True, use_bias=False, use_scan=True,
-        decoder_start_token_id=CODEBOOK_SIZE, bos_token_id=CODEBOOK_SIZE + 1, eos_token_id=CODEBOOK_SIZE + 1,
-        pad_token_id=CODEBOOK_SIZE + 1,
+        decoder_start_token_id=v, bos_token_id=v + 1, eos_token_id=v + 1, pad_token_id=v + 1,
     )
 
 
@@ -120,7 +120,7 @@ type = "bart_sampler"
 checkpoint = "dallebart"
 num_slots = 8
 chunk_steps = 16
-# 8 of 1024 codes: a small model's long tail of unlikely codes draws stray specks.
+# 8 of the codes: a small model's long tail of unlikely codes draws stray specks.
 default_top_k = 8
 
 [[stages]]

@@ -35,13 +35,13 @@ import numpy as np
 import optax
 from flax import serialization
 
-from palette.stages import checkpoint as ckpt
 from palette.stages.models import dallebart as DB
 from palette.stages.models.clip import CLIP, CLIPConfig, clip_loss
 from palette.stages.models.vqgan import VQGAN, VQGANConfig, VQModel
 
 from . import analyse as A
 from . import model_set as M
+from . import patch_codes as PC
 from . import shapes as S
 
 log = logging.getLogger(__name__)
@@ -261,9 +261,11 @@ def make_pool(seed: int, n: int, size: int = M.IMAGE_SIZE, *, jitter: bool = Tru
     return Pool(images, scenes)
 
 
-def sample_captions(scenes, rng: np.random.Generator, full_prob: float = 0.25) -> list[str]:
-    """A caption per scene in a random phrasing (the canonical full one with probability `full_prob`)."""
-    return [S.caption(s, rng, full=bool(rng.random() < full_prob)) for s in scenes]
+def sample_captions(scenes, rng: np.random.Generator, full_prob: float = 0.25, colourless=None) -> list[str]:
+    """A caption per scene in a random phrasing (the canonical full one with probability `full_prob`;
+    without colours where `colourless`, a bool per scene, says so)."""
+    colourless = np.zeros(len(scenes), bool) if colourless is None else colourless
+    return [S.caption(s, rng, full=bool(rng.random() < full_prob), colourless=bool(c)) for s, c in zip(scenes, colourless)]
 
 
 def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
@@ -278,212 +280,103 @@ def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
 
 
 def object_pixels(images: np.ndarray) -> np.ndarray:
-    """bool [N, H, W, 1]: pixels unlike the image's corner pixel, which the generator always leaves background."""
-    return np.any(images != images[:, :1, :1], axis=-1, keepdims=True)
+    """bool [N, H, W, 1]: `patch_codes.object_mask` with a channel axis, to weigh pixel losses."""
+    return PC.object_mask(images)[..., None]
 
 
 # --------------------------------------------------------------------------- VQGAN
 
 
-def _set_codebook(params: dict, codebook) -> dict:
-    params = dict(params)
-    params["quantize"] = {"embedding": {"embedding": jnp.asarray(codebook, jnp.float32)}}
-    return params
+#: Codebook part widths (mask, object colour, background colour): embed_dim is their sum.
+PART_DIMS = (16, 4, 4)
+
+
+def product_codebook(parts: dict, vocabulary: PC.PatchVocabulary):
+    """[vocabulary.size, sum(PART_DIMS)]: each code's vector, its mask, colour and background parts side by side.
+
+    The squared distance to such a vector is the sum of the distances of its parts, so the
+    nearest code of a latent is the nearest mask part, colour part and background part
+    taken together: the released quantizer's plain nearest-code search picks factors one by one.
+    """
+    mask, colour, background = (jnp.asarray(x) for x in vocabulary.all_factors())
+    return jnp.concatenate([jnp.take(parts["mask"], mask, axis=0), jnp.take(parts["colour"], colour, axis=0),
+                            jnp.take(parts["background"], background, axis=0)], axis=-1)
 
 
 def train_vqgan(
     out_dir: str | Path,
     run_dir: str | Path,
     pool: Pool,
+    codes: np.ndarray,
+    vocabulary: PC.PatchVocabulary,
     loop: LoopConfig,
     config: VQGANConfig | None = None,
-    crop: int = 32,
-    full_prob: float = 0.25,
-    restart_every: int = 50,
-    beta: float = 0.25,
     object_weight: float = 4.0,
-    init_params: dict | None = None,
-    codebook_decay: float | None = 0.9,
+    code_weight: float = 0.1,
 ) -> VQGAN:
-    """VQGAN on the pool's images: L1 + L2 reconstruction + codebook and commitment losses.
+    """VQGAN on the pool's images, with each patch's code given (`patch_codes`) rather than clustered.
 
-    With `codebook_decay` set (the default), the codebook is not a gradient parameter but an
-    exponential moving average of the encoder latents each code was picked for (online k-means,
-    as in VQ-VAE-2): under Adam a code moves at most about `lr` per step, far slower than the
-    encoder's latents drift early on, and most of the first few hundred steps would be spent
-    with codes that no longer fit. `None` trains the codebook by its loss instead.
-
-    Most steps see random `crop`-pixel crops (a quarter of a full image's cost; the networks are
-    convolutional), a `full_prob` share of steps whole images. The codebook starts from encoder
-    outputs, and entries that no latent picked during the last `restart_every` steps move onto
-    random latents of the current batch. Object pixels (those that differ from the image's corner
-    pixel, which the generator always leaves background) weigh `1 + object_weight` in the
-    reconstruction loss: objects cover a few percent of an image, and without the weight the
-    codebook spends itself on backgrounds; for the same reason new and restarted codebook entries
-    are drawn mostly from latents of patches that hold object pixels. `init_params` starts from
-    another run's weights (its codebook is extended with such latents when `config.n_embed` is
-    larger). Writes `<out_dir>/vqgan` in the released format.
+    The codebook is the product of three learned parts -- a vector per mask, per object colour
+    and per background colour (`product_codebook`) -- and the decoder learns to paint each
+    patch from its code's vector: object-weighted L1 + L2 reconstruction of the pool's images
+    from their codes (object pixels, those unlike the image's corner pixel, weigh
+    `1 + object_weight`: objects cover a few percent of an image). Since a code's parts are
+    separate inputs, the decoder paints a mask in a colour it never saw it in -- a held-out pair.
+    The encoder learns to land nearest its patches' codes: per part, cross-entropy over negative
+    squared distances to the part's vectors (held fixed for it, so it cannot win by spreading
+    them), weighted `code_weight`, plus the usual commitment term. Whole images only: the
+    colour of a background patch is that of the nearest object, which a crop may not show.
+    Writes `<out_dir>/vqgan` in the released format, the codebook materialised over all codes.
     """
     out_dir, run_dir = Path(out_dir), Path(run_dir)
-    config = config or M.vqgan_config()
-    if loop.checkpoint_every % restart_every:
-        raise ValueError("checkpoint_every must be a multiple of restart_every (so a resumed run restarts the same codes)")
+    config = config or M.vqgan_config(vocabulary.size, sum(PART_DIMS))
+    if config.n_embed != vocabulary.size or config.embed_dim != sum(PART_DIMS):
+        raise ValueError(f"VQGAN config needs n_embed={vocabulary.size} and embed_dim={sum(PART_DIMS)}")
     vq = VQGAN.init_random(config, loop.seed)
     module = vq.module
-    encode_latents = jax.jit(lambda p, x: module.apply({"params": p}, x, method=VQModel.encode_latents))
-    n, side = pool.images.shape[0], pool.images.shape[1]
-    f = config.downsample_factor
-    crop = min(max(f, int(crop) // f * f), side)
-    last_batch: list = [None, None]
+    n = len(pool)
+    grid = config.latent_size
+    codes = np.asarray(codes, np.int32).reshape(n, grid, grid)
+    rng = np.random.default_rng((loop.seed, 5))
+    dm, dc, db = PART_DIMS
+    colours = PC.colour_table() * 2.0 - 1.0  # colour parts start from the colours themselves
+    net = {k: v for k, v in vq.params.items() if k != "quantize"}
+    params = {"net": net, "parts": {
+        "mask": jnp.asarray(rng.normal(0, 1.0, (vocabulary.num_masks, dm)), jnp.float32),
+        "colour": jnp.asarray(np.pad(colours, ((0, 0), (0, dc - 3))), jnp.float32),
+        "background": jnp.asarray(np.pad(colours, ((0, 0), (0, db - 3))), jnp.float32)}}
 
     def make_batch(step: int):
-        rng = batch_rng(loop.seed, step, 1)
-        idx = rng.integers(0, n, loop.batch_size)
+        idx = batch_rng(loop.seed, step, 1).integers(0, n, loop.batch_size)
         imgs = pool.images[idx]
         weights = 1.0 + object_weight * object_pixels(imgs)
-        if crop < side and rng.random() >= full_prob:
-            ys = rng.integers(0, side - crop + 1, loop.batch_size)
-            xs = rng.integers(0, side - crop + 1, loop.batch_size)
-            imgs = np.stack([im[y:y + crop, x:x + crop] for im, y, x in zip(imgs, ys, xs)])
-            weights = np.stack([w[y:y + crop, x:x + crop] for w, y, x in zip(weights, ys, xs)])
-        last_batch[0] = jnp.asarray(imgs, jnp.float32) / 255.0
-        last_batch[1] = weights
-        return last_batch[0], jnp.asarray(weights, jnp.float32)
+        return jnp.asarray(imgs, jnp.float32) / 255.0, jnp.asarray(codes[idx]), jnp.asarray(weights, jnp.float32)
 
-    def pick_latents(params, images, weights, k: int, rng: np.random.Generator) -> np.ndarray:
-        """`k` encoder latents of the images, three quarters from patches with object pixels."""
-        lat = np.asarray(encode_latents(params, images))
-        b, h, w, d = lat.shape
-        obj = np.asarray(weights)[..., 0].reshape(b, h, f, w, f).max(axis=(2, 4)).reshape(-1) > 1.0
-        lat = lat.reshape(-1, d)
-        objects = np.nonzero(obj)[0]
-        idx = rng.integers(0, len(lat), k)
-        if objects.size:
-            idx = np.where(rng.random(k) < 0.75, objects[rng.integers(0, objects.size, k)], idx)
-        return (lat[idx] + rng.normal(0, 1e-3, (k, d))).astype(np.float32)
-
-    def full_batch(rng: np.random.Generator, size: int = 64):
-        imgs = pool.images[rng.integers(0, n, size)]
-        weights = 1.0 + object_weight * object_pixels(imgs)
-        return jnp.asarray(imgs, jnp.float32) / 255.0, weights
-
-    ema = codebook_decay is not None
-
-    def loss_fn(params, images, weights):
-        rec, aux = module.apply({"params": params}, images, beta, method=VQModel.forward_train)
+    def loss_fn(p, images, target, weights):
+        table = product_codebook(p["parts"], vocabulary)
+        full = {**p["net"], "quantize": {"embedding": {"embedding": table}}}
+        z = module.apply({"params": full}, images, method=VQModel.encode_latents).astype(jnp.float32)
+        e = jnp.take(table, target, axis=0)
+        rec = module.apply({"params": full}, e, method=VQModel.decode).astype(jnp.float32)
         l1 = jnp.mean(weights * jnp.abs(rec - images))
         l2 = jnp.mean(weights * (rec - images) ** 2)
-        flat = aux["indices"].reshape(-1)
-        used = jnp.zeros((config.n_embed,), jnp.int32).at[flat].add(1)
+        code_ce, hits = 0.0, 1.0
+        start = 0
+        for name, factor, width in zip(("mask", "colour", "background"), vocabulary.factors(target), PART_DIMS):
+            zk = z[..., start:start + width]
+            start += width
+            vecs = jax.lax.stop_gradient(p["parts"][name])
+            logits = -jnp.sum((zk[..., None, :] - vecs) ** 2, axis=-1)
+            code_ce = code_ce + optax.softmax_cross_entropy_with_integer_labels(logits, factor).mean()
+            hits = hits * (jnp.argmax(logits, -1) == factor)
+        commitment = jnp.mean((z - jax.lax.stop_gradient(e)) ** 2)
         psnr = -10.0 * jnp.log10(jnp.mean((jnp.clip(rec, 0, 1) - images) ** 2) + 1e-10)
-        metrics = {"l1": l1, "l2": l2, "vq": aux["vq_loss"], "psnr": psnr, "usage": used}
-        if ema:
-            # Only the commitment term: the codebook follows the latents by the hook's average.
-            vq_loss = beta * aux["commitment_loss"]
-            z = jax.lax.stop_gradient(aux["latents"]).reshape(-1, config.embed_dim)
-            metrics["latent_sums"] = jax.ops.segment_sum(z, flat, num_segments=config.n_embed)
-        else:
-            vq_loss = aux["vq_loss"]
-        return l1 + l2 + vq_loss, metrics
+        loss = l1 + l2 + code_weight * code_ce + 0.25 * commitment
+        return loss, {"l1": l1, "l2": l2, "code_ce": code_ce, "code_accuracy": jnp.mean(hits), "psnr": psnr}
 
-    params = vq.params
-    if not (run_dir / CHECKPOINT_FILE).is_file():
-        # Codebook from encoder outputs: the U(-1/n, 1/n) init sits far from the latents and most
-        # entries would never be picked.
-        rng = batch_rng(loop.seed, 0, 2)
-        if init_params is None:
-            params = _set_codebook(params, pick_latents(params, *full_batch(rng), config.n_embed, rng))
-        else:
-            params = jax.tree_util.tree_map(jnp.asarray, init_params)
-            old = np.asarray(params["quantize"]["embedding"]["embedding"])[: config.n_embed]
-            extra = config.n_embed - len(old)
-            if extra > 0:
-                old = np.concatenate([old, pick_latents(params, *full_batch(rng), extra, rng)])
-            params = _set_codebook(params, old)
-            ckpt.check_tree(VQGAN.param_shapes(config), params, "VQGAN init_params")
-
-    usage = np.zeros((config.n_embed,), np.int64)
-
-    def restart_dead_codes(state: TrainState, metrics: dict) -> TrainState:
-        nonlocal usage
-        counts = np.asarray(metrics["usage"])
-        usage += counts
-        if ema:
-            codebook = np.array(state.params["quantize"]["embedding"]["embedding"])
-            picked = counts > 0
-            means = np.asarray(metrics["latent_sums"])[picked] / counts[picked, None]
-            codebook[picked] = codebook_decay * codebook[picked] + (1.0 - codebook_decay) * means
-            state.params = _set_codebook(state.params, codebook)
-        if state.step % restart_every:
-            return state
-        dead = np.nonzero(usage == 0)[0]
-        usage = np.zeros_like(usage)
-        if dead.size:
-            rng = batch_rng(loop.seed, state.step, 3)
-            codebook = np.array(state.params["quantize"]["embedding"]["embedding"])
-            codebook[dead] = pick_latents(state.params, last_batch[0], last_batch[1], dead.size, rng)
-            state.params = _set_codebook(state.params, codebook)
-            state.last_metrics = dict(state.last_metrics, restarted=int(dead.size))
-        return state
-
-    state = run_loop("vqgan", run_dir, params, loss_fn, make_batch, loop, restart_dead_codes)
-    vq = VQGAN(config, state.params)
-    vq.save_pretrained(out_dir / "vqgan")
-    _mark_done(run_dir, {"step": state.step, "total_steps": state.total_steps, **state.last_metrics})
-    return vq
-
-
-def finetune_vqgan_decoder(
-    out_dir: str | Path,
-    run_dir: str | Path,
-    vq: VQGAN,
-    pool: Pool,
-    codes: np.ndarray,
-    loop: LoopConfig,
-    crop_codes: int = 4,
-    full_prob: float = 0.5,
-    object_weight: float = 4.0,
-) -> VQGAN:
-    """Train only the decoder side (post_quant_conv + decoder) on fixed codes of the pool.
-
-    The encoder and codebook stay as they are, so every code keeps its meaning; the decoder
-    learns to draw these code grids -- the canonical spellings DalleBart is taught, which the
-    encoder alone would seldom produce -- as the images they came from. Same loss as
-    `train_vqgan` (object-weighted L1 + L2), on whole code grids or `crop_codes`-wide crops of
-    them. Writes `<out_dir>/vqgan`.
-    """
-    out_dir, run_dir = Path(out_dir), Path(run_dir)
-    config, module = vq.config, vq.module
-    frozen = {k: v for k, v in vq.params.items() if k not in ("decoder", "post_quant_conv")}
-    trainable = {k: vq.params[k] for k in ("decoder", "post_quant_conv")}
-    n, side = pool.images.shape[0], pool.images.shape[1]
-    f, grid = config.downsample_factor, config.latent_size
-    codes = np.asarray(codes, np.int32).reshape(n, grid, grid)
-
-    def make_batch(step: int):
-        rng = batch_rng(loop.seed, step, 6)
-        idx = rng.integers(0, n, loop.batch_size)
-        imgs, c = pool.images[idx], codes[idx]
-        weights = 1.0 + object_weight * object_pixels(imgs)
-        if crop_codes < grid and rng.random() >= full_prob:
-            ys = rng.integers(0, grid - crop_codes + 1, loop.batch_size)
-            xs = rng.integers(0, grid - crop_codes + 1, loop.batch_size)
-            k = crop_codes
-            c = np.stack([cc[y:y + k, x:x + k] for cc, y, x in zip(c, ys, xs)])
-            imgs = np.stack([im[y * f:(y + k) * f, x * f:(x + k) * f] for im, y, x in zip(imgs, ys, xs)])
-            weights = np.stack([w[y * f:(y + k) * f, x * f:(x + k) * f] for w, y, x in zip(weights, ys, xs)])
-        return (jnp.asarray(c.reshape(len(c), -1)), jnp.asarray(imgs, jnp.float32) / 255.0,
-                jnp.asarray(weights, jnp.float32))
-
-    def loss_fn(params, c, images, weights):
-        rec = module.apply({"params": {**frozen, **params}}, c, method=VQModel.decode_code).astype(jnp.float32)
-        l1 = jnp.mean(weights * jnp.abs(rec - images))
-        l2 = jnp.mean(weights * (rec - images) ** 2)
-        psnr = -10.0 * jnp.log10(jnp.mean((jnp.clip(rec, 0, 1) - images) ** 2) + 1e-10)
-        return l1 + l2, {"l1": l1, "l2": l2, "psnr": psnr}
-
-    state = run_loop("vqgan-decoder", run_dir, trainable, loss_fn, make_batch, loop)
-    vq = VQGAN(config, {**frozen, **state.params})
+    state = run_loop("vqgan", run_dir, params, loss_fn, make_batch, loop)
+    table = product_codebook(state.params["parts"], vocabulary)
+    vq = VQGAN(config, {**state.params["net"], "quantize": {"embedding": {"embedding": table}}})
     vq.save_pretrained(out_dir / "vqgan")
     _mark_done(run_dir, {"step": state.step, "total_steps": state.total_steps, **state.last_metrics})
     return vq
@@ -513,93 +406,6 @@ def decode_codes(vq: VQGAN, codes: np.ndarray, batch_size: int = 64) -> np.ndarr
 
 
 # --------------------------------------------------------------------------- DalleBart
-
-
-def _patch_pixels(images: np.ndarray, grid: int) -> np.ndarray:
-    """[N, grid*grid, f*f, C]: each code's patch of the images, in raster order."""
-    n, side = images.shape[:2]
-    f = side // grid
-    return images.reshape(n, grid, f, grid, f, -1).transpose(0, 1, 3, 2, 4, 5).reshape(n, grid * grid, f * f, -1)
-
-
-def calm_patches(images: np.ndarray, grid: int) -> np.ndarray:
-    """bool [N, grid*grid]: patches that are flat in one colour, as are their 8 neighbours
-    (outside the image counts as the same colour) -- open background, not the edge of anything."""
-    images = np.asarray(images)
-    n = images.shape[0]
-    patches = _patch_pixels(images, grid)
-    first = patches[..., 0, :]
-    flat = np.all(patches == first[..., None, :], axis=(-1, -2)).reshape(n, grid, grid)
-    key = np.where(flat, (first.astype(np.int64) @ np.asarray([1 << 16, 1 << 8, 1], np.int64)).reshape(n, grid, grid), -1)
-    padded = np.pad(key, ((0, 0), (1, 1), (1, 1)), mode="edge")
-    calm = flat.copy()
-    for dy in range(3):
-        for dx in range(3):
-            calm &= padded[:, dy:dy + grid, dx:dx + grid] == key
-    return calm.reshape(n, grid * grid)
-
-
-def patch_contents(images: np.ndarray, grid: int) -> np.ndarray:
-    """[N, grid*grid] keys (numpy void scalars): each code's patch as its exact pixels, and whether it is calm.
-
-    Calmness is part of the key so that open background and the flat inside of an object (or the
-    background right next to it) stay apart even in the same colour: DalleBart reads "am I in the
-    object yet?" from them.
-    """
-    images = np.asarray(images)
-    n = images.shape[0]
-    patches = _patch_pixels(images, grid).reshape(n * grid * grid, -1)
-    calm = calm_patches(images, grid).reshape(-1, 1).astype(images.dtype)  # last byte of the key
-    keyed = np.ascontiguousarray(np.concatenate([patches, calm], axis=1))
-    return keyed.view(np.dtype((np.void, keyed.shape[1] * keyed.itemsize))).reshape(n, grid * grid)
-
-
-def content_code_table(images: np.ndarray, codes: np.ndarray) -> dict[bytes, int]:
-    """{patch key (`patch_contents`): the code the VQGAN most often gives such a patch} over `images`.
-
-    Other patches never take a code that open background is spelt with (their most used other
-    code, if they have one), so the inside of an object never reads as background. Ties go to the
-    lower code: the table is deterministic.
-    """
-    codes = np.asarray(codes, np.int64)
-    grid = math.isqrt(codes.shape[1])
-    contents, content_of = np.unique(patch_contents(images, grid).ravel(), return_inverse=True)
-    content_is_calm = np.asarray([c.tobytes()[-1] for c in contents], bool)  # see patch_contents
-    radix = int(codes.max()) + 1
-    pairs, counts = np.unique(content_of.astype(np.int64) * radix + codes.ravel(), return_counts=True)
-    content, code = np.divmod(pairs, radix)
-
-    def usual(reserved: np.ndarray) -> np.ndarray:
-        order = np.lexsort((code, -counts, reserved, content))  # per content: allowed, most used, lowest
-        first = np.ones(len(order), bool)
-        first[1:] = content[order][1:] != content[order][:-1]
-        return order[first]
-
-    plain = usual(np.zeros(len(code), bool))
-    open_background = np.unique(code[plain][content_is_calm[content[plain]]])
-    best = usual(~content_is_calm[content] & np.isin(code, open_background))
-    return {contents[content[i]].tobytes(): int(code[i]) for i in best}
-
-
-def canonical_codes(images: np.ndarray, codes: np.ndarray, table: dict[bytes, int] | None = None) -> np.ndarray:
-    """The codes with every patch replaced by the usual code of its exact pixels (`content_code_table`;
-    open background and patches near an object are told apart, see `patch_contents`).
-
-    The VQGAN's encoder sees the whole image (its middle block attends globally) and its codebook
-    holds near-copies, so the same patch -- a flat background, or the same piece of a star's
-    edge -- is spelt with different codes depending on what else is in the picture: only ~20 %
-    of a pool's tokens are their patch's usual code. DalleBart would have to guess which copy
-    comes next, noise that swamps the few tokens that carry the object's shape and place. After
-    this, a token is a function of its patch alone. The table comes from the training images
-    (`table`; by default `images` themselves); a patch it lacks keeps its code. The decoder paints
-    the copies nearly alike, and `finetune_vqgan_decoder` on the canonical codes closes the rest.
-    """
-    images, codes = np.asarray(images), np.asarray(codes)
-    table = content_code_table(images, codes) if table is None else table
-    contents, content_of = np.unique(patch_contents(images, math.isqrt(codes.shape[1])).ravel(),
-                                     return_inverse=True)
-    usual = np.asarray([table.get(c.tobytes(), -1) for c in contents], np.int64)[content_of]
-    return np.where(usual >= 0, usual, codes.ravel()).reshape(codes.shape).astype(codes.dtype)
 
 
 def write_dallebart_config(out_dir: str | Path, config: DB.DalleBartConfig) -> None:
@@ -691,6 +497,43 @@ def corrupt_codes(codes: np.ndarray, is_object: np.ndarray, rng: np.random.Gener
     return codes
 
 
+def factor_params(params: dict, vocabulary: PC.PatchVocabulary, config: DB.DalleBartConfig, seed: int) -> dict:
+    """DalleBart params with the decoder's token table and lm_head replaced by per-factor tables:
+    {"model": ... (no decoder embed_tokens), "factors": {"embed": (mask, colour, background),
+    "start": [1, D], "head": (mask, colour, background)}}."""
+    rng = np.random.default_rng((seed, 11))
+    d, std = config.d_model, config.init_std
+    table = lambda n: jnp.asarray(rng.normal(0, std, (n, d)), jnp.float32)  # noqa: E731
+    sizes = vocabulary.factor_sizes
+    model = jax.tree_util.tree_map(lambda x: x, params["model"])
+    del model["decoder"]["embed_tokens"]
+    return {"model": model, "factors": {
+        "embed": tuple(table(n) / math.sqrt(3.0) for n in sizes), "start": table(1),
+        "head": tuple(table(n) for n in sizes)}}
+
+
+def factored_tables(factors: dict, vocabulary: PC.PatchVocabulary):
+    """(decoder embed_tokens [V + 1, D], lm_head kernel [D, V + 1]) materialised from the factor
+    tables: row/column c is the sum of its mask, colour and background vectors. The extra
+    id (decoder start) has its own embedding and a zero lm_head column: it is never a target."""
+    picked = [jnp.asarray(x) for x in vocabulary.all_factors()]
+    embed = sum(jnp.take(t, i, axis=0) for t, i in zip(factors["embed"], picked))
+    head = sum(jnp.take(t, i, axis=0) for t, i in zip(factors["head"], picked))
+    embed = jnp.concatenate([embed, factors["start"]], axis=0)
+    head = jnp.concatenate([head, jnp.zeros_like(factors["start"])], axis=0).T
+    return embed, head
+
+
+def materialise(params: dict, vocabulary: PC.PatchVocabulary, config: DB.DalleBartConfig, head: bool = True) -> dict:
+    """Released-layout DalleBart params from `factor_params`-style ones (`head=False` skips lm_head)."""
+    embed, kernel = factored_tables(params["factors"], vocabulary)
+    decoder = {**params["model"]["decoder"], "embed_tokens": {"embedding": embed}}
+    out = {"model": {**params["model"], "decoder": decoder}}
+    if head:
+        out["lm_head"] = {"kernel": kernel}
+    return out
+
+
 def train_dallebart(
     out_dir: str | Path,
     run_dir: str | Path,
@@ -704,6 +547,9 @@ def train_dallebart(
     grid_positions: bool = True,
     object_weight: float = 0.0,
     onset_weight: float = 0.0,
+    first_weight: float = 0.0,
+    colourless_prob: float = 0.0,
+    vocabulary: PC.PatchVocabulary | None = None,
 ) -> DB.DalleBart:
     """DalleBart on (caption, VQGAN codes): the dalle-mini recipe.
 
@@ -719,6 +565,19 @@ def train_dallebart(
     that differs from the image's most common one, where the background first gives way to the
     object -- weighs `1 + onset_weight`: it is the one token that says where the object is;
     unweighted it is a few percent of the loss, and the model learns shapes long before places.
+    The first code weighs `1 + first_weight`: every later code can copy the colours of the one
+    before it, so the first is where the caption's colours are decided (with product codes,
+    even a background code carries the object's colour).
+    With a `vocabulary` (product codes, `patch_codes`), the decoder's token embeddings and
+    lm_head columns are sums of a mask, a colour and a background vector
+    (`factored_tables`), and the loss is one cross-entropy per factor: with additive logits
+    over the full product of factors the softmax over codes is exactly the product of the
+    three factor softmaxes, so this is the same likelihood, and a code no training image used
+    (a held-out colour on a seen mask) gets the probability its factors earn. The saved files
+    hold the materialised tables: the released layout, sampled as any other DalleBart.
+    A `colourless_prob` share of captions leaves the objects' colours out (factored only; the
+    colour factor goes unscored on those rows), so the shape's codes are learnt from the shape
+    words alone: a colour never seen with a shape should not bend the shape.
     Needs `<out_dir>/dallebart` to hold the tokenizer; writes the weights there. `init_params`
     (run-time layout, e.g. `DalleBart.from_pretrained(...).params`) continues from another run.
     """
@@ -754,28 +613,56 @@ def train_dallebart(
     def make_batch(step: int):
         rng = batch_rng(loop.seed, step, 4)
         idx = rng.integers(0, n, b)
-        ids, mask = tokens(sample_captions([pool.scenes[i] for i in idx], rng, caption_full_prob))
+        colourless = rng.random(b) < colourless_prob
+        ids, mask = tokens(sample_captions([pool.scenes[i] for i in idx], rng, caption_full_prob, colourless))
         drop = rng.random(b) < text_dropout
         ids = np.where(drop[:, None], uncond_ids[None], ids)
         mask = np.where(drop[:, None], uncond_mask[None], mask)
         labels = codes[idx]
         dec_in = np.concatenate([start, labels[:, :-1]], axis=1)
-        return (*(jnp.asarray(x, jnp.int32) for x in (ids, mask, dec_in, labels)), jnp.asarray(object_tokens[idx]), jnp.asarray(onsets[idx]))
+        return (*(jnp.asarray(x, jnp.int32) for x in (ids, mask, dec_in, labels)), jnp.asarray(object_tokens[idx]),
+                jnp.asarray(onsets[idx]), jnp.asarray(colourless & ~drop))
 
-    def loss_fn(params, ids, mask, dec_in, labels, is_object, onset):
-        logits, _ = DB.forward(params, ids, mask, dec_in, config)
-        logits = logits.astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        hit = jnp.argmax(logits, -1) == labels
+    if vocabulary is not None:
+        if config.image_vocab_size != vocabulary.size or config.tie_word_embeddings:
+            raise ValueError(f"factored codes need image_vocab_size={vocabulary.size} and an untied lm_head")
+        if init_params is None:
+            params = factor_params(params, vocabulary, config, loop.seed)
+    elif colourless_prob:
+        raise ValueError("colourless captions need factored codes (a vocabulary)")
+
+    def code_loss(params, ids, mask, dec_in, labels, colourless):
+        """(per-token cross-entropy, per-token hit) of the codes given the caption; the colour
+        factor is not scored on `colourless` rows (their captions leave the colours out)."""
+        if vocabulary is None:
+            logits, _ = DB.forward(params, ids, mask, dec_in, config)
+            logits = logits.astype(jnp.float32)
+            return (optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+                    jnp.argmax(logits, -1) == labels)
+        model = materialise(params, vocabulary, config, head=False)
+        enc = DB.encode(model, ids, mask, config)
+        h = DB.final_norm(model, DB.decoder_states(model, dec_in, enc, mask, config), config).astype(jnp.float32)
+        ce, hit = 0.0, True
+        scored = (1.0, 1.0 - colourless[:, None], 1.0)  # mask, colour, background
+        for head, factor, weight in zip(params["factors"]["head"], vocabulary.factors(labels), scored):
+            logits = h @ head.T
+            ce = ce + weight * optax.softmax_cross_entropy_with_integer_labels(logits, factor)
+            hit = hit & (jnp.argmax(logits, -1) == factor)
+        return ce, hit
+
+    def loss_fn(params, ids, mask, dec_in, labels, is_object, onset, colourless):
+        ce, hit = code_loss(params, ids, mask, dec_in, labels, colourless)
         at_onset = jnp.arange(labels.shape[1])[None, :] == onset[:, None]
-        weights = 1.0 + object_weight * is_object + onset_weight * at_onset
+        first = jnp.arange(labels.shape[1])[None, :] == 0
+        weights = 1.0 + object_weight * is_object + onset_weight * at_onset + first_weight * first
         object_acc = jnp.sum(hit * is_object) / jnp.maximum(1, jnp.sum(is_object))
         return jnp.sum(ce * weights) / jnp.sum(weights), {
             "token_accuracy": jnp.mean(hit), "ce": ce.mean(), "object_token_accuracy": object_acc,
-            "onset_ce": jnp.sum(ce * at_onset) / labels.shape[0]}
+            "onset_ce": jnp.sum(ce * at_onset) / labels.shape[0], "first_ce": ce[:, 0].mean()}
 
     state = run_loop("dallebart", run_dir, params, loss_fn, make_batch, loop)
-    model = DB.DalleBart(config, state.params)
+    final = state.params if vocabulary is None else materialise(state.params, vocabulary, config)
+    model = DB.DalleBart(config, final)
     model.save_pretrained(out_dir / "dallebart")
     _mark_done(run_dir, {"step": state.step, "total_steps": state.total_steps, **state.last_metrics})
     return model
@@ -925,13 +812,9 @@ def train_clip(
 
 # --------------------------------------------------------------------------- the default set
 
-#: Shares of the time budget, in order: VQGAN, VQGAN decoder fine-tuning (0 skips it), DalleBart,
-#: CLIP (the rest is data, encoding and saving). DalleBart gets the most: it has 256 codes per
-#: caption to learn and was still improving at the end. The decoder fine-tuning teaches it the
-#: canonical spellings of patches (`canonical_codes`), which the encoder alone seldom writes:
-#: 8 minutes of it took the analyser's all-correct on decoded canonical codes of the eval
-#: prompts from 65 % to 75 % (held-out and seen together).
-BUDGET_SHARES = (0.22, 0.14, 0.50, 0.10)
+#: Shares of the time budget, in order: VQGAN, DalleBart, CLIP (the rest is data and saving).
+#: DalleBart gets the most: it has 256 codes per caption to learn.
+BUDGET_SHARES = (0.36, 0.48, 0.12)
 #: Spoilt images (`corrupt_codes`) added to each CLIP batch of 128 as negatives.
 CLIP_NEGATIVES = 32
 
@@ -948,18 +831,18 @@ def train_default(
     pool_size: int = 8000,
     two_objects_prob: float = 0.1,
     caption_full_prob: float = 0.8,
-    max_steps: tuple[int, int, int, int] = (100_000, 100_000, 100_000, 100_000),
-    batch_sizes: tuple[int, int, int, int] = (16, 16, 16, 128),
+    max_steps: tuple[int, int, int] = (100_000, 100_000, 100_000),
+    batch_sizes: tuple[int, int, int] = (16, 16, 128),
     progress: bool = True,
-    shares: tuple[float, float, float, float] = BUDGET_SHARES,
+    shares: tuple[float, float, float] = BUDGET_SHARES,
 ) -> dict:
     """Train the whole default set into `out_dir` within about `time_budget_minutes`.
 
-    VQGAN; its codes of the pool, each distinct patch spelt with one code (`canonical_codes`);
-    the VQGAN decoder fine-tuned on those fixed codes; DalleBart on the codes (the
-    object's codes and its onset weighted up); CLIP on pool images and their VQGAN reconstructions. Each phase
-    stops at the end of its share of the budget (`shares`, cumulative from the start; a zero
-    share skips the phase) or at its step cap.
+    The pool's patch codes (`patch_codes`: mask x object colour x background colour); the
+    VQGAN on them; DalleBart on them, factored (the object's codes and its onset weighted up);
+    CLIP on the VQGAN's paintings of the pool's codes, with spoilt ones as negatives. Each phase
+    stops at the end of its share of the budget (`shares`, cumulative from the start) or at
+    its step cap.
 
     The pool is jitter-free (every object exactly at its named position and size), so a full
     caption fixes its image and DalleBart learns one target per caption rather than an average
@@ -983,6 +866,9 @@ def train_default(
     bart_vocab, clip_vocab = M.write_tokenizers(out_dir, tokenizer_corpus(seed))
     M.write_clip_preprocessor(out_dir)
     pool = make_pool(seed, pool_size, jitter=False, two_objects_prob=two_objects_prob)
+    vocabulary = PC.PatchVocabulary.for_images(M.IMAGE_SIZE, M.GRID)
+    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
+    summary["codes"] = {"masks": vocabulary.num_masks, "codebook": vocabulary.size, "used": int(len(np.unique(codes)))}
     log.info("pool of %d samples ready after %.1f s", len(pool), time.monotonic() - t0)
 
     def loop(i: int, **kw) -> LoopConfig:
@@ -991,58 +877,38 @@ def train_default(
         base.update(kw)
         return LoopConfig(**base)
 
-    def phase(name: str, run: Path, train: Callable[[], Any], share: float = 1.0) -> None:
+    def phase(name: str, run: Path, train: Callable[[], Any]) -> None:
         t = time.monotonic()
-        if share <= 0:
-            summary[name] = {"step": 0, "skipped": True}
-            return
         if not is_done(run):
             train()
         summary[name] = {**json.loads((run / DONE_FILE).read_text()), "minutes": round((time.monotonic() - t) / 60, 2)}
 
-    # 1. VQGAN
+    # 1. VQGAN: learns to paint the codes, and to read them off images
     phase("vqgan", run_dir / "vqgan",
-          lambda: train_vqgan(out_dir, run_dir / "vqgan", pool, loop(0, lr=2e-3, warmup=50), full_prob=0.5))
+          lambda: train_vqgan(out_dir, run_dir / "vqgan", pool, codes, vocabulary, loop(0, lr=2e-3, warmup=50)))
     vq = VQGAN.from_pretrained(out_dir / "vqgan")
 
-    # 2. its codes of the pool, and the decoder fine-tuned on them (codes unchanged)
-    codes_path = run_dir / "codes.npy"
-    if codes_path.is_file():
-        codes = np.load(codes_path)
-    else:
-        codes = encode_pool(vq, pool.images)
-        np.save(codes_path, codes)
-    summary["codes_used"] = int(len(np.unique(codes)))
-    # DalleBart learns (and CLIP sees reconstructions of) the codes with each patch spelt one way;
-    # the decoder then learns to paint exactly those spellings.
-    codes = canonical_codes(pool.images, codes)
-    summary["codes_used_canonical"] = int(len(np.unique(codes)))
-    phase("vqgan_decoder", run_dir / "vqgan-decoder",
-          lambda: finetune_vqgan_decoder(out_dir, run_dir / "vqgan-decoder", vq, pool, codes,
-                                         loop(1, lr=5e-4, warmup=20)), shares[1])
-    vq = VQGAN.from_pretrained(out_dir / "vqgan")
-
-    # 3. DalleBart on the codes
+    # 2. DalleBart on the codes
     phase("dallebart", run_dir / "dallebart",
-          lambda: train_dallebart(out_dir, run_dir / "dallebart", pool, codes, loop(2, lr=2e-3, warmup=100),
-                                  M.dallebart_config(bart_vocab), caption_full_prob=caption_full_prob,
-                                  object_weight=2.0, onset_weight=20.0))
+          lambda: train_dallebart(out_dir, run_dir / "dallebart", pool, codes, loop(1, lr=2e-3, warmup=100),
+                                  M.dallebart_config(bart_vocab, vocabulary.size), caption_full_prob=caption_full_prob,
+                                  object_weight=2.0, onset_weight=20.0, first_weight=5.0, colourless_prob=0.25,
+                                  vocabulary=vocabulary))
 
-    # 4. CLIP, on originals and VQGAN reconstructions
+    # 3. CLIP, on the VQGAN's paintings of the codes
     def clip_phase():
         shown = codes[: min(len(pool), 4000)]
         recon = decode_codes(vq, shown)
         spoilt = corrupt_codes(shown, object_token_mask(pool.images[: len(shown)], math.isqrt(shown.shape[1])),
                                batch_rng(seed, 0, 7))
-        train_clip(out_dir, run_dir / "clip", pool, loop(3, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon,
+        train_clip(out_dir, run_dir / "clip", pool, loop(2, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon,
                    recon_prob=1.0, negatives=decode_codes(vq, spoilt), negatives_per_batch=CLIP_NEGATIVES)
 
     phase("clip", run_dir / "clip", clip_phase)
 
     summary["total_minutes"] = round((time.monotonic() - t0) / 60, 2)
-    decoder = "" if summary["vqgan_decoder"].get("skipped") else f" + decoder {summary['vqgan_decoder']['step']} steps"
     description = (f"trained by `palette train default` (seed {seed}, {summary['total_minutes']} min on this machine; "
-                   f"VQGAN f4 {summary['vqgan']['step']} steps{decoder}, "
+                   f"VQGAN f4 with {vocabulary.size} product codes {summary['vqgan']['step']} steps, "
                    f"DalleBart {summary['dallebart']['step']} steps, "
                    f"CLIP {summary['clip']['step']} steps)")
     M.write_pipeline_config(out_dir, description)
