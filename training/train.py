@@ -505,32 +505,30 @@ def factor_params(params: dict, vocabulary: PC.PatchVocabulary, config: DB.Dalle
     d, std = config.d_model, config.init_std
     table = lambda n: jnp.asarray(rng.normal(0, std, (n, d)), jnp.float32)  # noqa: E731
     sizes = vocabulary.factor_sizes
-    model = jax.tree_util.tree_map(lambda x: x, params["model"])
-    del model["decoder"]["embed_tokens"]
+    decoder = {k: v for k, v in params["model"]["decoder"].items() if k != "embed_tokens"}
+    model = {**params["model"], "decoder": decoder}
     return {"model": model, "factors": {
         "embed": tuple(table(n) / math.sqrt(3.0) for n in sizes), "start": table(1),
         "head": tuple(table(n) for n in sizes)}}
 
 
-def factored_tables(factors: dict, vocabulary: PC.PatchVocabulary):
-    """(decoder embed_tokens [V + 1, D], lm_head kernel [D, V + 1]) materialised from the factor
-    tables: row/column c is the sum of its mask, colour and background vectors. The extra
-    id (decoder start) has its own embedding and a zero lm_head column: it is never a target."""
+def factored_table(tables, vocabulary: PC.PatchVocabulary) -> jax.Array:
+    """[V, D]: row c is the sum of code c's mask, colour and background rows of `tables`."""
     picked = [jnp.asarray(x) for x in vocabulary.all_factors()]
-    embed = sum(jnp.take(t, i, axis=0) for t, i in zip(factors["embed"], picked))
-    head = sum(jnp.take(t, i, axis=0) for t, i in zip(factors["head"], picked))
-    embed = jnp.concatenate([embed, factors["start"]], axis=0)
-    head = jnp.concatenate([head, jnp.zeros_like(factors["start"])], axis=0).T
-    return embed, head
+    return sum(jnp.take(t, i, axis=0) for t, i in zip(tables, picked))
 
 
 def materialise(params: dict, vocabulary: PC.PatchVocabulary, config: DB.DalleBartConfig, head: bool = True) -> dict:
-    """Released-layout DalleBart params from `factor_params`-style ones (`head=False` skips lm_head)."""
-    embed, kernel = factored_tables(params["factors"], vocabulary)
+    """Released-layout DalleBart params from `factor_params`-style ones (`head=False` skips lm_head,
+    which training does not need: it scores the factors' heads directly). The extra id (decoder
+    start) has its own embedding and a zero lm_head column: it is never a target."""
+    factors = params["factors"]
+    embed = jnp.concatenate([factored_table(factors["embed"], vocabulary), factors["start"]], axis=0)
     decoder = {**params["model"]["decoder"], "embed_tokens": {"embedding": embed}}
     out = {"model": {**params["model"], "decoder": decoder}}
     if head:
-        out["lm_head"] = {"kernel": kernel}
+        kernel = jnp.concatenate([factored_table(factors["head"], vocabulary), jnp.zeros_like(factors["start"])], axis=0)
+        out["lm_head"] = {"kernel": kernel.T}
     return out
 
 
@@ -570,7 +568,7 @@ def train_dallebart(
     even a background code carries the object's colour).
     With a `vocabulary` (product codes, `patch_codes`), the decoder's token embeddings and
     lm_head columns are sums of a mask, a colour and a background vector
-    (`factored_tables`), and the loss is one cross-entropy per factor: with additive logits
+    (`factored_table`), and the loss is one cross-entropy per factor: with additive logits
     over the full product of factors the softmax over codes is exactly the product of the
     three factor softmaxes, so this is the same likelihood, and a code no training image used
     (a held-out colour on a seen mask) gets the probability its factors earn. The saved files
