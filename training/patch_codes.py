@@ -33,7 +33,7 @@ N_COLOURS = len(S.COLOUR_NAMES)
 _COLOUR_INDEX = {name: i for i, name in enumerate(S.COLOUR_NAMES)}
 
 
-def _patches(mask: np.ndarray, grid: int) -> np.ndarray:
+def patch_pixels(mask: np.ndarray, grid: int) -> np.ndarray:
     """bool [N, side, side] -> bool [N, grid*grid, f*f] in raster order."""
     n, side = mask.shape[:2]
     f = side // grid
@@ -43,7 +43,7 @@ def _patches(mask: np.ndarray, grid: int) -> np.ndarray:
 def _calm(mask: np.ndarray, grid: int) -> np.ndarray:
     """bool [N, grid*grid]: patches all background or all object whose 8 neighbours are the same
     (outside the image counts as background): open background or deep inside an object."""
-    p = _patches(mask, grid)
+    p = patch_pixels(mask, grid)
     full, empty = p.all(-1), ~p.any(-1)
     state = np.where(full, 1, np.where(empty, 0, -1)).reshape(-1, grid, grid)
     padded = np.pad(state, ((0, 0), (1, 1), (1, 1)), constant_values=0)
@@ -56,7 +56,7 @@ def _calm(mask: np.ndarray, grid: int) -> np.ndarray:
 
 def mask_keys(mask: np.ndarray, grid: int) -> np.ndarray:
     """int64 [N, grid*grid]: each patch's object pixels as bits, times two, plus its calmness."""
-    p = _patches(np.asarray(mask, bool), grid)
+    p = patch_pixels(np.asarray(mask, bool), grid)
     if p.shape[-1] > 62:
         raise ValueError(f"patches of {p.shape[-1]} pixels do not fit a 64-bit mask key")
     bits = (p.astype(np.int64) << np.arange(p.shape[-1], dtype=np.int64)).sum(-1)

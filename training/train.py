@@ -441,10 +441,7 @@ def grid_position_embeddings(grid: int, d_model: int, std: float, length: int | 
 
 def object_token_mask(images: np.ndarray, grid: int) -> np.ndarray:
     """bool [N, grid*grid]: codes whose image patch holds object pixels (pixels unlike the corner)."""
-    n, side = images.shape[:2]
-    f = side // grid
-    obj = object_pixels(images)[..., 0]
-    return obj.reshape(n, grid, f, grid, f).any(axis=(2, 4)).reshape(n, grid * grid)
+    return PC.patch_pixels(PC.object_mask(images), grid).any(-1)
 
 
 def code_onsets(codes: np.ndarray) -> np.ndarray:
