@@ -35,6 +35,16 @@ def test_the_default_set_is_the_trained_one():
     assert sizes <= 25 * 2**20, f"the default set is {sizes / 2**20:.1f} MB; the limit is 25 MB"
 
 
+def test_the_shipped_pipeline_config_is_the_one_training_writes():
+    """`make train-default` must reproduce the served settings: a default tuned by hand in
+    models/default/pipeline.toml alone would be lost on the next retrain."""
+    from palette.training.model_set import PIPELINE_TOML
+
+    text = default_config_path().read_text()
+    description = text.splitlines()[0].split("model set: ", 1)[1]
+    assert text == PIPELINE_TOML.format(description=description)
+
+
 @pytest.fixture(scope="module")
 def readings() -> dict[str, list[dict]]:
     """For each prompt, what the analyser reads in each served candidate (best CLIP score first)."""
