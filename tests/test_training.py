@@ -388,7 +388,11 @@ def test_markdown_table_lists_every_attribute():
 def test_cli_parses_train_and_eval():
     p = build_parser()
     a = p.parse_args(["train", "default", "--out", "x", "--minutes", "5", "--seed", "3"])
-    assert (a.command, a.model, a.out, a.minutes, a.seed) == ("train", "default", "x", 5.0, 3)
+    assert (a.command, a.model, a.out, a.minutes, a.seed, a.steps) == ("train", "default", "x", 5.0, 3, None)
+    assert p.parse_args(["train", "default", "--steps", "10,20,30"]).steps == (10, 20, 30)
+    for bad in ("10,20", "10,x,30", "10,0,30"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["train", "default", "--steps", bad])
     a = p.parse_args(["eval", "--models", "m", "--n", "6"])
     assert (a.command, a.models, a.n, a.temperature, a.top_k) == ("eval", "m", 6, None, None)
     a = p.parse_args(["eval", "--temperature", "0.7", "--top-k", "4"])

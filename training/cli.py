@@ -2,7 +2,7 @@
 
 `main(argv)` takes the arguments after the program name, starting with the command:
 
-    train default  --out models/default [--minutes 56] [--seed 0] [--run-dir DIR] [--pool-size N]
+    train default  --out models/default [--minutes 56] [--steps V,B,C] [--seed 0] [--run-dir DIR] [--pool-size N]
     train vqgan    --out DIR [--steps N] [--minutes M] [--seed S] [--run-dir DIR] [--pool-size N]
     train dallebart --out DIR [...]     (needs DIR/vqgan; trains on its codes)
     train clip     --out DIR [...]
@@ -22,6 +22,16 @@ from pathlib import Path
 from typing import Sequence
 
 
+def _step_counts(text: str) -> tuple[int, int, int]:
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive step counts V,B,C, got {text!r}")
+    return counts  # type: ignore[return-value]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="palette", description="Train and evaluate Palette's own model set.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     default = models.add_parser("default", help="VQGAN, then DalleBart, then CLIP, within one time budget")
     default.add_argument("--out", default="models/default", help="model-set folder to write (default: %(default)s)")
     default.add_argument("--minutes", type=float, default=56.0, help="wall-time budget (default: %(default)s)")
+    default.add_argument("--steps", type=_step_counts, default=None, metavar="V,B,C",
+                         help="step counts of VQGAN, DalleBart and CLIP; the same seed and counts give the same "
+                              "weights (default: as many as the budget allows). A phase that runs out of its "
+                              "share of the budget first stops early, with its schedule fitted to the time")
     default.add_argument("--seed", type=int, default=0)
     default.add_argument("--run-dir", default=None, help="checkpoints and metrics (default: runs/train-<out name>)")
     default.add_argument("--pool-size", type=int, default=8000, help="training images (default: %(default)s)")
@@ -100,8 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from . import train as T
 
         if args.model == "default":
+            extra = {} if args.steps is None else {"max_steps": args.steps}
             summary = T.train_default(args.out, args.minutes, seed=args.seed, run_dir=args.run_dir,
-                                      pool_size=args.pool_size, progress=not args.no_progress)
+                                      pool_size=args.pool_size, progress=not args.no_progress, **extra)
             print(json.dumps(summary, indent=2))
         else:
             _train_one(args)

@@ -856,7 +856,8 @@ def train_default(
     run_dir.mkdir(parents=True, exist_ok=True)
     budget = 60.0 * float(time_budget_minutes)
     ends = np.cumsum(shares) * budget + t0
-    summary: dict[str, Any] = {"seed": seed, "budget_minutes": time_budget_minutes, "pool_size": pool_size}
+    summary: dict[str, Any] = {"seed": seed, "budget_minutes": time_budget_minutes, "pool_size": pool_size,
+                               "max_steps": list(max_steps)}
 
     bart_vocab, clip_vocab = M.write_tokenizers(out_dir, tokenizer_corpus(seed))
     M.write_clip_preprocessor(out_dir)
