@@ -82,3 +82,23 @@ def test_most_candidates_draw_the_prompted_shape(readings):
     """The shape, read back from the image, is the prompted one for most candidates (chance: 1 in 6)."""
     right = sum(r["shapes"][:1] == [shape] for prompt, *_, shape in PROMPTS for r in readings[prompt])
     assert right >= 2 * len(PROMPTS) * len(SEEDS) // 3, json.dumps(readings, indent=1)
+
+
+def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts(tmp_path):
+    from palette.training import evaluate as E
+    from palette.training import shapes as S
+
+    fixed = E.evaluate(default_config_path().parent, n=2, candidates=3, progress=False)
+    other = E.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, prompt_seed=1234)
+    assert fixed["prompt_seed"] is None and other["prompt_seed"] == 1234
+    assert "prompt seed 1234" in other["table"] and "perfect ranker" in other["table"]
+    for results in (fixed, other):
+        for kind in E.KINDS:
+            r = results[kind]
+            # A prompt whose pick is right has a right candidate: a ranker cannot beat the best candidate.
+            assert r["any_correct"] >= max(r["random"]["all_correct"], r["clip_top1"]["all_correct"])
+            assert r["psnr"] > 20.0
+    for kind in E.KINDS:
+        assert fixed[kind]["prompts"] == [p.prompt for p in S.eval_prompts(kind, 2)]
+        assert other[kind]["prompts"] == [p.prompt for p in S.eval_prompts(kind, 2, seed=1234)]
+        assert other[kind]["prompts"] != fixed[kind]["prompts"]

@@ -382,7 +382,11 @@ def test_markdown_table_lists_every_attribute():
     table = E.markdown_table(results)
     for a in ("colour", "shape", "size", "position", "background", "all correct", "PSNR", "retrieval"):
         assert a in table
-    assert "50.0 %" in table and "20.00 dB" in table
+    assert "50.0 %" in table and "20.00 dB" in table and "perfect ranker" not in table
+    for k in E.KINDS:
+        results[k]["any_correct"] = 0.75
+    assert "| all correct for some candidate of 8 (what a perfect ranker would score) | 75.0 % | 75.0 % |" in (
+        E.markdown_table(results))
 
 
 def test_cli_parses_train_and_eval():
@@ -394,7 +398,8 @@ def test_cli_parses_train_and_eval():
         with pytest.raises(SystemExit):
             p.parse_args(["train", "default", "--steps", bad])
     a = p.parse_args(["eval", "--models", "m", "--n", "6"])
-    assert (a.command, a.models, a.n, a.temperature, a.top_k) == ("eval", "m", 6, None, None)
+    assert (a.command, a.models, a.n, a.temperature, a.top_k, a.prompt_seed) == ("eval", "m", 6, None, None, None)
+    assert p.parse_args(["eval", "--prompt-seed", "1234"]).prompt_seed == 1234
     a = p.parse_args(["eval", "--temperature", "0.7", "--top-k", "4"])
     assert (a.temperature, a.top_k) == (0.7, 4)
 

@@ -7,7 +7,7 @@
     train dallebart --out DIR [...]     (needs DIR/vqgan; trains on its codes)
     train clip     --out DIR [...]
     eval [--models models/default] [--n 48] [--grid out/eval-grid.png] [--json out/eval.json] [--seed 0]
-         [--condition-scale S]
+         [--prompt-seed P] [--condition-scale S]
 
 Runnable as `python -m palette.training.cli train default --out models/default`.
 """
@@ -66,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grid", default="out/eval-grid.png", help="grid picture to write ('' for none)")
     ev.add_argument("--json", default=None, help="write the results as JSON here")
     ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--prompt-seed", type=int, default=None,
+                    help="draw other prompts with this seed (validation: choose settings on these, so the eval "
+                         "prompts stay unseen; default: the fixed eval prompts)")
     ev.add_argument("--condition-scale", type=float, default=None,
                     help="super-conditioning scale of the candidates (default: the sampler's default)")
     ev.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1)")
@@ -124,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "eval":
         from .evaluate import main_eval
 
-        main_eval(args.models, args.n, args.grid or None, args.json, seed=args.seed,
+        main_eval(args.models, args.n, args.grid or None, args.json, seed=args.seed, prompt_seed=args.prompt_seed,
                   condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k)
         return 0
     return 2

@@ -117,8 +117,14 @@ def evaluate(
     condition_scale: float | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
+    prompt_seed: int | None = None,
 ) -> dict[str, Any]:
-    """The evaluation table as a dict: {kind: {psnr, retrieval, random: {attr: acc}, clip_top1: {...}}, ...}."""
+    """The evaluation table as a dict: {kind: {psnr, retrieval, random: {attr: acc}, clip_top1: {...},
+    any_correct}, ...}; `any_correct` is the share of prompts with at least one all-correct candidate (what a
+    perfect ranker would score).
+
+    `prompt_seed` draws other prompts of the same kinds (validation prompts: settings chosen on them leave
+    the eval prompts unseen); None gives the fixed eval prompts."""
     from palette.stages.models.vqgan import VQGAN
     from palette.stages.pipeline import Pipeline
     from palette.stages.ranker import CLIPScorer
@@ -141,6 +147,7 @@ def evaluate(
         described = [stage.describe() for stage in pipeline.stages]
         sampling.update(next(({"top_k": d["default_top_k"]} for d in described if "default_top_k" in d), {}))
     results: dict[str, Any] = {"models": str(models), "n": n, "candidates": candidates, "seed": seed,
+                               "prompt_seed": prompt_seed,
                                "sampling": sampling, "condition_scale": scale["condition_scale"]}
     grid: list[tuple[str, np.ndarray, list[np.ndarray]]] = []
     bar = None
@@ -149,9 +156,9 @@ def evaluate(
 
         bar = tqdm(total=2 * n, desc="eval", dynamic_ncols=True, mininterval=2.0)
     for k_i, kind in enumerate(KINDS):
-        prompts = S.eval_prompts(kind, n)
+        prompts = S.eval_prompts(kind, n, seed=prompt_seed)
         truth = np.stack([S.render(p.scene) for p in prompts])
-        random_scores, top_scores = [], []
+        random_scores, top_scores, any_correct = [], [], []
         for i, p in enumerate(prompts):
             params = [SamplingParams(seed=seed * 1_000_003 + k_i * 100_000 + i * candidates + j, **scale)
                       for j in range(candidates)]
@@ -159,8 +166,10 @@ def evaluate(
             images = [np.asarray(it["image"].convert("RGB")) for it in items]
             scores = np.asarray([float(it["score"]) for it in items])
             order = np.argsort(-scores, kind="stable")
-            random_scores.append(A.score(A.analyse(images[0]), p.scene, p.mentioned))
-            top_scores.append(A.score(A.analyse(images[int(order[0])]), p.scene, p.mentioned))
+            scores_each = [A.score(A.analyse(im), p.scene, p.mentioned) for im in images]
+            random_scores.append(scores_each[0])
+            top_scores.append(scores_each[int(order[0])])
+            any_correct.append(any(r["all_correct"] for r in scores_each))
             if i < grid_rows:
                 grid.append((f"[{KIND_LABELS[kind]}] {p.prompt}", truth[i], [images[j] for j in order[:4]]))
             if bar is not None:
@@ -170,6 +179,8 @@ def evaluate(
             "retrieval": retrieval_accuracy(scorer, truth, [p.scene for p in prompts], seed=seed + k_i),
             "random": A.accuracy(random_scores),
             "clip_top1": A.accuracy(top_scores),
+            "any_correct": float(np.mean(any_correct)),
+            "prompts": [p.prompt for p in prompts],
         }
     if bar is not None:
         bar.close()
@@ -197,12 +208,16 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines.append("| VQGAN reconstruction PSNR | " + " | ".join(f"{results[k]['psnr']:.2f} dB" for k in KINDS) + " |")
     lines.append("| CLIP caption retrieval, top-1 of 8 (7 one-attribute distractors) | "
                  + " | ".join(f"{100 * results[k]['retrieval']:.1f} %" for k in KINDS) + " |")
+    if all("any_correct" in results[k] for k in KINDS):
+        lines.append(f"| all correct for some candidate of {c} (what a perfect ranker would score) | "
+                     + " | ".join(f"{100 * results[k]['any_correct']:.1f} %" for k in KINDS) + " |")
     n = results.get("n")
     lines.append("")
     sampling = results.get("sampling", {"condition_scale": results.get("condition_scale", 10.0)})
     labels = {"condition_scale": "condition scale", "top_k": "top-k"}
     how = ", ".join(f"{labels.get(k, k)} {v:g}" for k, v in sampling.items())
-    lines.append(f"{n} single-object prompts per set, {c} candidates each ({how}); "
+    which = "" if results.get("prompt_seed") is None else f" (prompt seed {results['prompt_seed']})"
+    lines.append(f"{n} single-object prompts per set{which}, {c} candidates each ({how}); "
                  "attributes read by `palette.training.analyse`.")
     return "\n".join(lines)
 
@@ -239,8 +254,9 @@ def save_grid(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: str | 
 
 def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed: int = 0,
               condition_scale: float | None = None, temperature: float | None = None,
-              top_k: int | None = None) -> dict[str, Any]:
-    results = evaluate(models, n=n, grid_path=grid, seed=seed, condition_scale=condition_scale,
+              top_k: int | None = None, prompt_seed: int | None = None) -> dict[str, Any]:
+    results = evaluate(models, n=n, grid_path=grid, seed=seed, prompt_seed=prompt_seed,
+                       condition_scale=condition_scale,
                        temperature=temperature, top_k=top_k)
     print(results["table"])
     if grid:
