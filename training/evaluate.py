@@ -8,7 +8,8 @@ on seen prompts, separately:
   candidate (the first of the seeded candidates: its seed says nothing about its
   quality, so it is a random pick) and of CLIP's top-1 among `candidates` images;
 * CLIP top-1 retrieval of the right caption for the ground-truth image among
-  itself and 7 distractor captions that each change one attribute of the scene.
+  itself and 7 distractor captions that each change one attribute of the scene;
+* how often some candidate is all correct: the most any ranker could score.
 
 Everything runs through the same code the server runs (`Pipeline.load` of the
 set's pipeline.toml), and everything is seeded, so the numbers are reproducible.
