@@ -257,8 +257,7 @@ def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed
               condition_scale: float | None = None, temperature: float | None = None,
               top_k: int | None = None, prompt_seed: int | None = None) -> dict[str, Any]:
     results = evaluate(models, n=n, grid_path=grid, seed=seed, prompt_seed=prompt_seed,
-                       condition_scale=condition_scale,
-                       temperature=temperature, top_k=top_k)
+                       condition_scale=condition_scale, temperature=temperature, top_k=top_k)
     print(results["table"])
     if grid:
         print(f"\ngrid: {grid}")
