@@ -84,7 +84,7 @@ def test_most_candidates_draw_the_prompted_shape(readings):
     assert right >= 2 * len(PROMPTS) * len(SEEDS) // 3, json.dumps(readings, indent=1)
 
 
-def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts(tmp_path):
+def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
     from palette.training import evaluate as E
     from palette.training import shapes as S
 
