@@ -404,6 +404,24 @@ def test_cli_parses_train_and_eval():
     assert (a.temperature, a.top_k) == (0.7, 4)
 
 
+def test_train_one_model_retrains_that_model_of_a_set_and_leaves_the_others(tmp_path):
+    """`palette train clip|vqgan --out SET` retrains one phase of a set, as `train default` trains it."""
+    from palette.training.cli import main
+
+    M.write_random_set(tmp_path / "set", T.tokenizer_corpus(0, n=200))
+    before = {name: (tmp_path / "set" / name / "flax_model.msgpack").read_bytes()
+              for name in ("vqgan", "dallebart", "clip")}
+    for name in ("clip", "vqgan"):
+        assert main(["train", name, "--out", str(tmp_path / "set"), "--steps", "2", "--pool-size", "24",
+                     "--batch-size", "8", "--run-dir", str(tmp_path / f"run-{name}"), "--no-progress"]) == 0
+        assert (tmp_path / f"run-{name}" / T.DONE_FILE).is_file()
+    after = {name: (tmp_path / "set" / name / "flax_model.msgpack").read_bytes() for name in before}
+    assert after["clip"] != before["clip"] and after["vqgan"] != before["vqgan"]
+    assert after["dallebart"] == before["dallebart"]
+    CLIP.from_pretrained(tmp_path / "set" / "clip")
+    VQGAN.from_pretrained(tmp_path / "set" / "vqgan")
+
+
 def test_markdown_table_names_the_sampling():
     acc = {a: 0.5 for a in E.ATTRS}
     results = {"n": 4, "candidates": 8, "sampling": {"condition_scale": 3.0, "top_k": 8, "temperature": 0.7},

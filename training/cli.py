@@ -4,8 +4,8 @@
 
     train default  --out models/default [--minutes 56] [--steps V,B,C] [--seed 0] [--run-dir DIR] [--pool-size N]
     train vqgan    --out DIR [--steps N] [--minutes M] [--seed S] [--run-dir DIR] [--pool-size N]
-    train dallebart --out DIR [...]     (needs DIR/vqgan; trains on its codes)
-    train clip     --out DIR [...]
+    train dallebart --out DIR [...]     (on the pool's patch codes, as `train default` trains it)
+    train clip     --out DIR [...]      (on DIR/vqgan's paintings of the pool's codes)
     eval [--models models/default] [--n 48] [--grid out/eval-grid.png] [--json out/eval.json] [--seed 0]
          [--prompt-seed P] [--condition-scale S]
 
@@ -88,24 +88,29 @@ def _train_one(args: argparse.Namespace) -> None:
     M.write_clip_preprocessor(out)
     bart_vocab = len(json.loads((out / "dallebart" / "vocab.json").read_text()))
     clip_vocab = len(json.loads((out / "clip" / "vocab.json").read_text()))
-    pool = T.make_pool(args.seed, args.pool_size)
-    defaults = {"vqgan": (16, 1e-3, 50), "dallebart": (32, 2e-3, 100), "clip": (128, 1e-3, 50)}[args.model]
-    loop = T.LoopConfig(steps=args.steps, minutes=args.minutes, batch_size=args.batch_size or defaults[0],
-                        lr=defaults[1], warmup=defaults[2], seed=args.seed, progress=not args.no_progress)
+    # The default set's pool and settings, so that one phase retrained here is that phase of `train default`.
+    pool = T.make_pool(args.seed, args.pool_size, jitter=False, two_objects_prob=T.TWO_OBJECTS_PROB)
+    settings = dict(T.PHASE_LOOPS[args.model])
+    if args.batch_size:
+        settings["batch_size"] = args.batch_size
+    loop = T.LoopConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, progress=not args.no_progress,
+                        **settings)
     vocabulary = PC.PatchVocabulary.for_images(M.IMAGE_SIZE, M.GRID)
     codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
     if args.model == "vqgan":
         T.train_vqgan(out, run_dir, pool, codes, vocabulary, loop)
     elif args.model == "dallebart":
         T.train_dallebart(out, run_dir, pool, codes, loop, M.dallebart_config(bart_vocab, vocabulary.size),
-                          vocabulary=vocabulary)
+                          vocabulary=vocabulary, **T.DALLEBART_RECIPE)
     else:
         from palette.stages.models.vqgan import VQGAN
 
-        recon = None
-        if (out / "vqgan" / "config.json").is_file():
-            recon = T.decode_codes(VQGAN.from_pretrained(out / "vqgan"), codes[: min(len(pool), 2000)])
-        T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon)
+        if (out / "vqgan" / "config.json").is_file():  # as `train default` trains it
+            recon, negatives = T.clip_images(VQGAN.from_pretrained(out / "vqgan"), pool, codes, args.seed)
+            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon, recon_prob=1.0,
+                         negatives=negatives, negatives_per_batch=T.CLIP_NEGATIVES)
+        else:
+            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab))
     if not (out / "pipeline.toml").is_file():
         M.write_pipeline_config(out, f"trained by `palette train` (seed {args.seed})")
 

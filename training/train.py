@@ -812,6 +812,27 @@ def train_clip(
 BUDGET_SHARES = (0.36, 0.48, 0.12)
 #: Spoilt images (`corrupt_codes`) added to each CLIP batch of 128 as negatives.
 CLIP_NEGATIVES = 32
+#: The default set's optimiser settings per phase; `palette train <model>` uses them too.
+PHASE_LOOPS = {"vqgan": {"batch_size": 16, "lr": 2e-3, "warmup": 50},
+               "dallebart": {"batch_size": 16, "lr": 2e-3, "warmup": 100},
+               "clip": {"batch_size": 128, "lr": 1e-3, "warmup": 50}}
+#: DalleBart's recipe in the default set (`train_dallebart` keywords).
+DALLEBART_RECIPE = {"caption_full_prob": 0.8, "object_weight": 2.0, "onset_weight": 20.0, "first_weight": 5.0,
+                    "colourless_prob": 0.25}
+#: The default set's pool: jitter-free, a tenth of it two-object scenes.
+TWO_OBJECTS_PROB = 0.1
+#: Pool scenes CLIP sees as the VQGAN paints them, each with a spoilt painting (`clip_images`).
+CLIP_SHOWN = 4000
+
+
+def clip_images(vq: VQGAN, pool: Pool, codes: np.ndarray, seed: int,
+                n: int = CLIP_SHOWN) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP's images of the first `n` pool scenes: the VQGAN's paintings of their codes, and of
+    their codes spoilt by `corrupt_codes` (the ranker's negatives)."""
+    shown = np.asarray(codes[: min(len(pool), n)])
+    spoilt = corrupt_codes(shown, object_token_mask(pool.images[: len(shown)], math.isqrt(shown.shape[1])),
+                           batch_rng(seed, 0, 7))
+    return decode_codes(vq, shown), decode_codes(vq, spoilt)
 
 
 def _minutes_until(t: float) -> float:
@@ -824,25 +845,22 @@ def train_default(
     seed: int = 0,
     run_dir: str | Path | None = None,
     pool_size: int = 8000,
-    two_objects_prob: float = 0.1,
-    caption_full_prob: float = 0.8,
+    two_objects_prob: float = TWO_OBJECTS_PROB,
     max_steps: tuple[int, int, int] = (100_000, 100_000, 100_000),
-    batch_sizes: tuple[int, int, int] = (16, 16, 128),
     progress: bool = True,
     shares: tuple[float, float, float] = BUDGET_SHARES,
 ) -> dict:
     """Train the whole default set into `out_dir` within about `time_budget_minutes`.
 
     The pool's patch codes (`patch_codes`: mask x object colour x background colour); the
-    VQGAN on them; DalleBart on them, factored (the object's codes and its onset weighted up);
-    CLIP on the VQGAN's paintings of the pool's codes, with spoilt ones as negatives. Each phase
-    stops at the end of its share of the budget (`shares`, cumulative from the start) or at
-    its step cap.
+    VQGAN on them; DalleBart on them, factored (the object's codes and its onset weighted up,
+    `DALLEBART_RECIPE`); CLIP on the VQGAN's paintings of the pool's codes, with spoilt ones as
+    negatives (`clip_images`). Each phase stops at the end of its share of the budget (`shares`,
+    cumulative from the start) or at its step cap.
 
     The pool is jitter-free (every object exactly at its named position and size), so a full
     caption fixes its image and DalleBart learns one target per caption rather than an average
-    of nudged ones; `two_objects_prob` of it are two-object scenes, and `caption_full_prob`
-    of DalleBart's captions are the full phrasing (the rest are the shorter ones).
+    of nudged ones; `two_objects_prob` of it are two-object scenes.
     Resumable: a finished phase (its run folder holds done.json) is skipped, an unfinished one
     continues from its checkpoint. The set is assembled in `<run_dir>/out` and copied to
     `out_dir` only when complete, so `out_dir` never holds a half-trained mix.
@@ -867,11 +885,9 @@ def train_default(
     summary["codes"] = {"masks": vocabulary.num_masks, "codebook": vocabulary.size, "used": int(len(np.unique(codes)))}
     log.info("pool of %d samples ready after %.1f s", len(pool), time.monotonic() - t0)
 
-    def loop(i: int, **kw) -> LoopConfig:
-        base = dict(steps=max_steps[i], minutes=_minutes_until(ends[i]), batch_size=batch_sizes[i], seed=seed,
-                    progress=progress)
-        base.update(kw)
-        return LoopConfig(**base)
+    def loop(i: int) -> LoopConfig:
+        return LoopConfig(steps=max_steps[i], minutes=_minutes_until(ends[i]), seed=seed, progress=progress,
+                          **PHASE_LOOPS[("vqgan", "dallebart", "clip")[i]])
 
     def phase(name: str, run: Path, train: Callable[[], Any]) -> None:
         t = time.monotonic()
@@ -881,24 +897,20 @@ def train_default(
 
     # 1. VQGAN: learns to paint the codes, and to read them off images
     phase("vqgan", run_dir / "vqgan",
-          lambda: train_vqgan(out_dir, run_dir / "vqgan", pool, codes, vocabulary, loop(0, lr=2e-3, warmup=50)))
+          lambda: train_vqgan(out_dir, run_dir / "vqgan", pool, codes, vocabulary, loop(0)))
     vq = VQGAN.from_pretrained(out_dir / "vqgan")
 
     # 2. DalleBart on the codes
     phase("dallebart", run_dir / "dallebart",
-          lambda: train_dallebart(out_dir, run_dir / "dallebart", pool, codes, loop(1, lr=2e-3, warmup=100),
-                                  M.dallebart_config(bart_vocab, vocabulary.size), caption_full_prob=caption_full_prob,
-                                  object_weight=2.0, onset_weight=20.0, first_weight=5.0, colourless_prob=0.25,
-                                  vocabulary=vocabulary))
+          lambda: train_dallebart(out_dir, run_dir / "dallebart", pool, codes, loop(1),
+                                  M.dallebart_config(bart_vocab, vocabulary.size), vocabulary=vocabulary,
+                                  **DALLEBART_RECIPE))
 
     # 3. CLIP, on the VQGAN's paintings of the codes
     def clip_phase():
-        shown = codes[: min(len(pool), 4000)]
-        recon = decode_codes(vq, shown)
-        spoilt = corrupt_codes(shown, object_token_mask(pool.images[: len(shown)], math.isqrt(shown.shape[1])),
-                               batch_rng(seed, 0, 7))
-        train_clip(out_dir, run_dir / "clip", pool, loop(2, lr=1e-3, warmup=50), M.clip_config(clip_vocab), recon,
-                   recon_prob=1.0, negatives=decode_codes(vq, spoilt), negatives_per_batch=CLIP_NEGATIVES)
+        recon, negatives = clip_images(vq, pool, codes, seed)
+        train_clip(out_dir, run_dir / "clip", pool, loop(2), M.clip_config(clip_vocab), recon,
+                   recon_prob=1.0, negatives=negatives, negatives_per_batch=CLIP_NEGATIVES)
 
     phase("clip", run_dir / "clip", clip_phase)
 
