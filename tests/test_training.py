@@ -256,6 +256,17 @@ def test_object_token_mask_marks_the_patches_under_the_object():
     assert not T.object_token_mask(np.full((1, 64, 64, 3), 7, np.uint8), 16).any()
 
 
+def test_near_object_pixels_cover_the_object_and_a_ring_around_it():
+    image = np.zeros((1, 16, 16, 3), np.uint8)
+    image[0, 5, 5] = 200  # one object pixel
+    image[0, 15, 8] = 200  # one on the bottom edge: the ring stops there, it does not wrap to the top
+    near = T.near_object_pixels(image, radius=2)[0, ..., 0]
+    assert near.shape == (16, 16)
+    assert near[3:8, 3:8].all() and near.sum() == 25 + 15
+    assert not near[2, 5] and not near[5, 8] and not near[0, 8]
+    assert np.array_equal(T.near_object_pixels(image, radius=0)[0, ..., 0], np.any(image[0] > 0, -1))
+
+
 def test_code_onsets_find_where_the_background_first_changes():
     codes = np.full((3, 16), 5)
     codes[0, 7:9] = 2

@@ -279,9 +279,17 @@ def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
     return [S.caption(s, rng, full=bool(i % 4 == 0)) for i, s in enumerate(scenes)] + S.caption_words()
 
 
-def object_pixels(images: np.ndarray) -> np.ndarray:
-    """bool [N, H, W, 1]: `patch_codes.object_mask` with a channel axis, to weigh pixel losses."""
-    return PC.object_mask(images)[..., None]
+def near_object_pixels(images: np.ndarray, radius: int = 2) -> np.ndarray:
+    """bool [N, H, W, 1]: object pixels (`patch_codes.object_mask`) and the pixels within `radius`
+    of one (a square neighbourhood), with a channel axis, to weigh pixel losses."""
+    mask = PC.object_mask(images)
+    h, w = mask.shape[1:]
+    padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
+    near = np.zeros_like(mask)
+    for dy in range(2 * radius + 1):
+        for dx in range(2 * radius + 1):
+            near |= padded[:, dy:dy + h, dx:dx + w]
+    return near[..., None]
 
 
 # --------------------------------------------------------------------------- VQGAN
@@ -312,16 +320,20 @@ def train_vqgan(
     loop: LoopConfig,
     config: VQGANConfig | None = None,
     object_weight: float = 4.0,
+    object_radius: int = 2,
     code_weight: float = 0.1,
 ) -> VQGAN:
     """VQGAN on the pool's images, with each patch's code given (`patch_codes`) rather than clustered.
 
     The codebook is the product of three learned parts -- a vector per mask, per object colour
     and per background colour (`product_codebook`) -- and the decoder learns to paint each
-    patch from its code's vector: object-weighted L1 + L2 reconstruction of the pool's images
-    from their codes (object pixels, those unlike the image's corner pixel, weigh
-    `1 + object_weight`: objects cover a few percent of an image). Since a code's parts are
-    separate inputs, the decoder paints a mask in a colour it never saw it in -- a held-out pair.
+    patch from its code's vector: weighted L1 + L2 reconstruction of the pool's images from their
+    codes. Pixels on or within `object_radius` of an object (object pixels are those unlike the
+    image's corner pixel) weigh `1 + object_weight`: objects cover a few percent of an image. The
+    ring of background around an object weighs as much as the object itself: weighted less, the
+    decoder bleeds object colour into it and fills a small star's notches, so a small star reads
+    back as large. Since a code's parts are separate inputs, the decoder paints a mask in a
+    colour it never saw it in -- a held-out pair.
     The encoder learns to land nearest its patches' codes: per part, cross-entropy over negative
     squared distances to the part's vectors (held fixed for it, so it cannot win by spreading
     them), weighted `code_weight`, plus the usual commitment term. Whole images only: the
@@ -349,7 +361,7 @@ def train_vqgan(
     def make_batch(step: int):
         idx = batch_rng(loop.seed, step, 1).integers(0, n, loop.batch_size)
         imgs = pool.images[idx]
-        weights = 1.0 + object_weight * object_pixels(imgs)
+        weights = 1.0 + object_weight * near_object_pixels(imgs, object_radius)
         return jnp.asarray(imgs, jnp.float32) / 255.0, jnp.asarray(codes[idx]), jnp.asarray(weights, jnp.float32)
 
     def loss_fn(p, images, target, weights):
