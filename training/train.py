@@ -833,18 +833,17 @@ DALLEBART_RECIPE = {"caption_full_prob": 0.8, "object_weight": 2.0, "onset_weigh
                     "colourless_prob": 0.25}
 #: The default set's pool: jitter-free, a tenth of it two-object scenes.
 TWO_OBJECTS_PROB = 0.1
-#: Pool scenes CLIP sees as the VQGAN paints them, each with a spoilt painting (`clip_images`).
-CLIP_SHOWN = 4000
 
 
-def clip_images(vq: VQGAN, pool: Pool, codes: np.ndarray, seed: int,
-                n: int = CLIP_SHOWN) -> tuple[np.ndarray, np.ndarray]:
-    """CLIP's images of the first `n` pool scenes: the VQGAN's paintings of their codes, and of
-    their codes spoilt by `corrupt_codes` (the ranker's negatives)."""
-    shown = np.asarray(codes[: min(len(pool), n)])
-    spoilt = corrupt_codes(shown, object_token_mask(pool.images[: len(shown)], math.isqrt(shown.shape[1])),
-                           batch_rng(seed, 0, 7))
-    return decode_codes(vq, shown), decode_codes(vq, spoilt)
+def clip_images(vq: VQGAN, pool: Pool, codes: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """CLIP's images of every pool scene: the VQGAN's paintings of its codes, and of its codes
+    spoilt by `corrupt_codes` (the ranker's negatives). The ranker ranks paintings, so it learns on
+    paintings only; with half the pool shown as drawn and without negatives, it picked an
+    all-correct candidate for fewer held-out validation prompts (85.9 / 87.0 % against 89.6 / 87.0 %,
+    seeds 0 / 1)."""
+    codes = np.asarray(codes)
+    spoilt = corrupt_codes(codes, object_token_mask(pool.images, math.isqrt(codes.shape[1])), batch_rng(seed, 0, 7))
+    return decode_codes(vq, codes), decode_codes(vq, spoilt)
 
 
 def _minutes_until(t: float) -> float:
