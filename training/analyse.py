@@ -160,14 +160,16 @@ def _erode(mask: np.ndarray) -> np.ndarray:
 
 
 def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
-    """`mask` grown by `steps` cells in all 8 directions (nothing enters from outside)."""
-    h, w = mask.shape
+    """`mask` grown by `steps` cells in all 8 directions over its last two axes (nothing enters from
+    outside); leading axes are a batch."""
+    h, w = mask.shape[-2:]
+    border = [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)]
     for _ in range(steps):
-        p = np.pad(mask, 1, constant_values=False)
+        p = np.pad(mask, border, constant_values=False)
         out = mask.copy()
         for dy in (0, 1, 2):
             for dx in (0, 1, 2):
-                out |= p[dy:dy + h, dx:dx + w]
+                out |= p[..., dy:dy + h, dx:dx + w]
         mask = out
     return mask
 

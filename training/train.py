@@ -282,14 +282,7 @@ def tokenizer_corpus(seed: int, n: int = 4000) -> list[str]:
 def near_object_pixels(images: np.ndarray, radius: int = 2) -> np.ndarray:
     """bool [N, H, W, 1]: object pixels (`patch_codes.object_mask`) and the pixels within `radius`
     of one (a square neighbourhood), with a channel axis, to weigh pixel losses."""
-    mask = PC.object_mask(images)
-    h, w = mask.shape[1:]
-    padded = np.pad(mask, ((0, 0), (radius, radius), (radius, radius)))
-    near = np.zeros_like(mask)
-    for dy in range(2 * radius + 1):
-        for dx in range(2 * radius + 1):
-            near |= padded[:, dy:dy + h, dx:dx + w]
-    return near[..., None]
+    return A.dilate(PC.object_mask(images), radius)[..., None]
 
 
 # --------------------------------------------------------------------------- VQGAN
