@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draw other prompts with this seed (validation: choose settings on these, so the eval "
                          "prompts stay unseen; default: the fixed eval prompts)")
     ev.add_argument("--condition-scale", type=float, default=None,
-                    help="super-conditioning scale of the candidates (default: the sampler's default)")
-    ev.add_argument("--temperature", type=float, default=None, help="sampling temperature (default: 1)")
+                    help="super-conditioning scale of the candidates (default: the model set's, in its "
+                         "pipeline.toml)")
+    ev.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default: the model set's, in its pipeline.toml)")
     ev.add_argument("--top-k", type=int, default=None, help="top-k of the sampling (default: the sampler's default)")
     return parser
 
