@@ -321,6 +321,23 @@ def test_clip_trainer_takes_negative_images(tmp_path, pool, tokenizers):
     assert _leaves_equal(CLIP.from_pretrained(out / "clip").params, clip.params)
 
 
+def test_clip_trainer_attribute_heads_learn_and_are_left_out_of_the_saved_model(tmp_path, pool, tokenizers):
+    out, _, clip_vocab = tokenizers
+    loop = T.LoopConfig(steps=40, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=20, progress=False)
+    clip = T.train_clip(out, tmp_path / "run", pool, loop, tiny_clip_config(clip_vocab),
+                        reconstructions=pool.images[:8], attribute_weight=1.0)
+    read = [json.loads(line)["attribute_loss"] for line in (tmp_path / "run" / T.METRICS_FILE).read_text().splitlines()
+            if "attribute_loss" in line]
+    assert len(read) >= 30 and np.mean(read[-5:]) < 0.85 * np.mean(read[:5])
+    loaded = CLIP.from_pretrained(out / "clip")
+    assert "heads" not in loaded.params and _leaves_equal(loaded.params, clip.params)
+    labels = T.scene_attribute_labels(pool.scenes)
+    one = np.asarray([len(s.objects) == 1 for s in pool.scenes])
+    assert (labels[one] >= 0).all() and (labels[~one] == -1).all()
+    first = pool.scenes[int(np.flatnonzero(one)[0])]
+    assert S.SHAPES[labels[int(np.flatnonzero(one)[0]), 1]] == first.objects[0].shape
+
+
 def test_corrupt_codes_spoil_the_object_and_its_surroundings_only():
     pool = T.make_pool(4, 24, jitter=False, two_objects_prob=0.2)
     grid = 16

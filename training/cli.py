@@ -109,10 +109,11 @@ def _train_one(args: argparse.Namespace) -> None:
 
         if (out / "vqgan" / "config.json").is_file():  # as `train default` trains it
             recon, negatives = T.clip_images(VQGAN.from_pretrained(out / "vqgan"), pool, codes, args.seed)
-            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon, recon_prob=1.0,
-                         negatives=negatives, negatives_per_batch=T.CLIP_NEGATIVES)
+            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon, negatives=negatives,
+                         **T.CLIP_RECIPE)
         else:
-            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab))
+            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab),
+                         attribute_weight=T.CLIP_RECIPE["attribute_weight"])
     if not (out / "pipeline.toml").is_file():
         M.write_pipeline_config(out, f"trained by `palette train` (seed {args.seed})")
 
