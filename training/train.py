@@ -691,17 +691,25 @@ def clip_pixels(preprocessor, images: np.ndarray) -> np.ndarray:
     return out.astype(np.float32)
 
 
-_SCENE_FIELDS = ("shape", "colour", "size", "position")
+#: A one-object scene's attributes and their values.
+SCENE_ATTRIBUTES = {"shape": S.SHAPES, "colour": S.COLOUR_NAMES, "size": S.SIZES, "position": S.POSITION_NAMES,
+                    "background": S.BACKGROUNDS}
+
+
+def scene_attributes(scene: S.SceneSpec) -> dict[str, str]:
+    """A one-object scene's value of each SCENE_ATTRIBUTES entry."""
+    o = scene.objects[0]
+    return {"shape": o.shape, "colour": o.colour, "size": o.size, "position": o.position,
+            "background": scene.background}
 
 
 def one_attribute_neighbours(scenes) -> list[np.ndarray]:
     """Per scene, the pool indices of single-object scenes that differ from it in exactly one
     of shape, colour, size, position or background (empty for two-object scenes)."""
     def key(scene):
-        o = scene.objects[0]
-        return (o.shape, o.colour, o.size, o.position, scene.background)
+        return tuple(scene_attributes(scene).values())
 
-    domains = (S.SHAPES, S.COLOUR_NAMES, S.SIZES, S.POSITION_NAMES, S.BACKGROUNDS)
+    domains = tuple(SCENE_ATTRIBUTES.values())
     by_key: dict[tuple, list[int]] = {}
     for i, scene in enumerate(scenes):
         if len(scene.objects) == 1:
@@ -715,9 +723,8 @@ def one_attribute_neighbours(scenes) -> list[np.ndarray]:
     return [found[key(s)] if len(s.objects) == 1 else empty for s in scenes]
 
 
-#: The one-object scene attributes CLIP's attribute heads read, with their values.
-ATTRIBUTE_HEADS = {"colour": S.COLOUR_NAMES, "shape": S.SHAPES, "size": S.SIZES, "position": S.POSITION_NAMES,
-                   "background": S.BACKGROUNDS}
+#: The attributes CLIP's attribute heads read, in the order of their heads.
+ATTRIBUTE_HEADS = ("colour", "shape", "size", "position", "background")
 
 
 #: exp of CLIP's initial logit scale (2.6592, the released checkpoints' value): cosines of unit
@@ -730,10 +737,8 @@ def scene_attribute_labels(scenes) -> np.ndarray:
     out = np.full((len(scenes), len(ATTRIBUTE_HEADS)), -1, np.int32)
     for i, scene in enumerate(scenes):
         if len(scene.objects) == 1:
-            o = scene.objects[0]
-            seen = {"colour": o.colour, "shape": o.shape, "size": o.size, "position": o.position,
-                    "background": scene.background}
-            out[i] = [values.index(seen[name]) for name, values in ATTRIBUTE_HEADS.items()]
+            values = scene_attributes(scene)
+            out[i] = [SCENE_ATTRIBUTES[name].index(values[name]) for name in ATTRIBUTE_HEADS]
     return out
 
 
@@ -863,8 +868,9 @@ def train_clip(
     if attribute_weight:
         heads_rng = np.random.default_rng((loop.seed, 13))
         params = {"clip": params, "heads": {
-            name: jnp.asarray(heads_rng.normal(0, 0.02, (config.projection_dim, len(values))), jnp.float32)
-            for name, values in ATTRIBUTE_HEADS.items()}}
+            name: jnp.asarray(heads_rng.normal(0, 0.02, (config.projection_dim, len(SCENE_ATTRIBUTES[name]))),
+                              jnp.float32)
+            for name in ATTRIBUTE_HEADS}}
     state = run_loop("clip", run_dir, params, loss_fn, make_batch, loop)
     clip = CLIP(config, state.params["clip"] if attribute_weight else state.params)
     clip.save_pretrained(folder)
