@@ -90,9 +90,11 @@ def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
 
     fixed = E.evaluate(default_config_path().parent, n=2, candidates=3, progress=False)
     other = E.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, prompt_seed=1234)
+    pooled = E.evaluate(default_config_path().parent, n=1, candidates=2, progress=False, prompt_seed=(1234, 99))
     assert fixed["prompt_seed"] is None and other["prompt_seed"] == 1234
     assert "prompt seed 1234" in other["table"] and "perfect ranker" in other["table"]
-    for results in (fixed, other):
+    assert "2 single-object prompts per set (prompt seeds 1234, 99)" in pooled["table"]
+    for results in (fixed, other, pooled):
         for kind in E.KINDS:
             r = results[kind]
             # A prompt whose pick is right has a right candidate: a ranker cannot beat the best candidate.
@@ -102,3 +104,4 @@ def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
         assert fixed[kind]["prompts"] == [p.prompt for p in S.eval_prompts(kind, 2)]
         assert other[kind]["prompts"] == [p.prompt for p in S.eval_prompts(kind, 2, seed=1234)]
         assert other[kind]["prompts"] != fixed[kind]["prompts"]
+        assert pooled[kind]["prompts"] == [p.prompt for s in (1234, 99) for p in S.eval_prompts(kind, 1, seed=s)]

@@ -428,6 +428,9 @@ def test_cli_parses_train_and_eval():
     a = p.parse_args(["eval", "--models", "m", "--n", "6"])
     assert (a.command, a.models, a.n, a.temperature, a.top_k, a.prompt_seed) == ("eval", "m", 6, None, None, None)
     assert p.parse_args(["eval", "--prompt-seed", "1234"]).prompt_seed == 1234
+    assert p.parse_args(["eval", "--prompt-seed", "11,12,13"]).prompt_seed == (11, 12, 13)
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--prompt-seed", "11,x"])
     a = p.parse_args(["eval", "--temperature", "0.7", "--top-k", "4"])
     assert (a.temperature, a.top_k) == (0.7, 4)
 

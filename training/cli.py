@@ -7,7 +7,7 @@
     train dallebart --out DIR [...]     (on the pool's patch codes, as `train default` trains it)
     train clip     --out DIR [...]      (on DIR/vqgan's paintings of the pool's codes)
     eval [--models models/default] [--n 48] [--grid out/eval-grid.png] [--json out/eval.json] [--seed 0]
-         [--prompt-seed P] [--condition-scale S]
+         [--prompt-seed S[,S...]] [--condition-scale S]
 
 Runnable as `python -m palette.training.cli train default --out models/default`.
 """
@@ -30,6 +30,14 @@ def _step_counts(text: str) -> tuple[int, int, int]:
     if len(counts) != 3 or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive step counts V,B,C, got {text!r}")
     return counts  # type: ignore[return-value]
+
+
+def _prompt_seeds(text: str) -> int | tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a seed or seeds S1,S2,..., got {text!r}") from None
+    return seeds[0] if len(seeds) == 1 else seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--grid", default="out/eval-grid.png", help="grid picture to write ('' for none)")
     ev.add_argument("--json", default=None, help="write the results as JSON here")
     ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--prompt-seed", type=int, default=None,
-                    help="draw other prompts with this seed (validation: choose settings on these, so the eval "
-                         "prompts stay unseen; default: the fixed eval prompts)")
+    ev.add_argument("--prompt-seed", type=_prompt_seeds, default=None, metavar="S[,S...]",
+                    help="draw other prompts with this seed, or --n per seed with several, pooled (validation: "
+                         "choose settings on these, so the eval prompts stay unseen; default: the fixed eval "
+                         "prompts)")
     ev.add_argument("--condition-scale", type=float, default=None,
                     help="super-conditioning scale of the candidates (default: the model set's, in its "
                          "pipeline.toml)")

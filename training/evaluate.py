@@ -119,14 +119,15 @@ def evaluate(
     condition_scale: float | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
-    prompt_seed: int | None = None,
+    prompt_seed: int | Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The evaluation table as a dict: {kind: {psnr, retrieval, random: {attr: acc}, clip_top1: {...},
     any_correct}, ...}; `any_correct` is the share of prompts with at least one all-correct candidate (what a
     perfect ranker would score).
 
     `prompt_seed` draws other prompts of the same kinds (validation prompts: settings chosen on them leave
-    the eval prompts unseen); None gives the fixed eval prompts."""
+    the eval prompts unseen), `n` per seed when it is several seeds, pooled; None gives the fixed eval
+    prompts."""
     from palette.stages.models.vqgan import VQGAN
     from palette.stages.pipeline import Pipeline
     from palette.stages.ranker import CLIPScorer
@@ -152,13 +153,14 @@ def evaluate(
                                "prompt_seed": prompt_seed,
                                "sampling": sampling, "condition_scale": scale["condition_scale"]}
     grid: list[tuple[str, np.ndarray, list[np.ndarray]]] = []
+    seeds = [prompt_seed] if prompt_seed is None or isinstance(prompt_seed, int) else list(prompt_seed)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * n, desc="eval", dynamic_ncols=True, mininterval=2.0)
+        bar = tqdm(total=2 * n * len(seeds), desc="eval", dynamic_ncols=True, mininterval=2.0)
     for k_i, kind in enumerate(KINDS):
-        prompts = S.eval_prompts(kind, n, seed=prompt_seed)
+        prompts = [p for s in seeds for p in S.eval_prompts(kind, n, seed=s)]
         truth = np.stack([S.render(p.scene) for p in prompts])
         random_scores, top_scores, any_correct = [], [], []
         for i, p in enumerate(prompts):
@@ -214,12 +216,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     if all("any_correct" in results[k] for k in KINDS):
         lines.append(f"| all correct for some candidate of {c} (what a perfect ranker would score) | "
                      + " | ".join(f"{100 * results[k]['any_correct']:.1f} %" for k in KINDS) + " |")
-    n = results.get("n")
+    n = len(results[KINDS[0]]["prompts"]) if "prompts" in results[KINDS[0]] else results.get("n")
     lines.append("")
     sampling = results.get("sampling", {"condition_scale": results.get("condition_scale", 10.0)})
     labels = {"condition_scale": "condition scale", "top_k": "top-k"}
     how = ", ".join(f"{labels.get(k, k)} {v:g}" for k, v in sampling.items())
-    which = "" if results.get("prompt_seed") is None else f" (prompt seed {results['prompt_seed']})"
+    seeds = results.get("prompt_seed")
+    which = ("" if seeds is None else f" (prompt seed {seeds})" if isinstance(seeds, int)
+             else f" (prompt seeds {', '.join(str(x) for x in seeds)})")
     lines.append(f"{n} single-object prompts per set{which}, {c} candidates each ({how}); "
                  "attributes read by `palette.training.analyse`.")
     return "\n".join(lines)
@@ -257,7 +261,7 @@ def save_grid(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: str | 
 
 def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed: int = 0,
               condition_scale: float | None = None, temperature: float | None = None,
-              top_k: int | None = None, prompt_seed: int | None = None) -> dict[str, Any]:
+              top_k: int | None = None, prompt_seed: int | Sequence[int] | None = None) -> dict[str, Any]:
     results = evaluate(models, n=n, grid_path=grid, seed=seed, prompt_seed=prompt_seed,
                        condition_scale=condition_scale, temperature=temperature, top_k=top_k)
     print(results["table"])
