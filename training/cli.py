@@ -22,21 +22,25 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _step_counts(text: str) -> tuple[int, int, int]:
+def _int_list(text: str) -> tuple[int, ...]:
+    """"1,2,3" -> (1, 2, 3); () when any item is not an integer."""
     try:
-        counts = tuple(int(x) for x in text.split(","))
+        return tuple(int(x) for x in text.split(","))
     except ValueError:
-        counts = ()
+        return ()
+
+
+def _step_counts(text: str) -> tuple[int, int, int]:
+    counts = _int_list(text)
     if len(counts) != 3 or min(counts) < 1:
         raise argparse.ArgumentTypeError(f"expected three positive step counts V,B,C, got {text!r}")
     return counts  # type: ignore[return-value]
 
 
 def _prompt_seeds(text: str) -> int | tuple[int, ...]:
-    try:
-        seeds = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a seed or seeds S1,S2,..., got {text!r}") from None
+    seeds = _int_list(text)
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected a seed or seeds S1,S2,..., got {text!r}")
     return seeds[0] if len(seeds) == 1 else seeds
 
 
