@@ -195,7 +195,8 @@ def _center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
 class CLIPTextTokenizer:
     """Prompts -> int32 `input_ids` / `attention_mask`, truncated to the model's text length.
 
-    CLIP's tokenizer pads with the EOS id; the model pools at the first EOS, so padding never matters.
+    CLIP's tokenizer pads with the EOS id, its largest id; the model pools at the first largest id, the
+    first EOS, so padding never matters.
     """
 
     TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
@@ -220,6 +221,15 @@ class CLIPTextTokenizer:
         from transformers import CLIPTokenizerFast
 
         tokenizer = CLIPTokenizerFast.from_pretrained(str(folder))
+        largest = max(tokenizer.get_vocab().values())
+        if tokenizer.eos_token_id != largest:
+            # CLIP's text tower reads a caption at argmax(input_ids) (FlaxCLIPModel's pooling): with
+            # another id on top it would read that word instead, and drop every word after it.
+            raise CheckpointError(
+                f"{folder}: the CLIP tokenizer's EOS id ({tokenizer.eos_token_id}) is not its largest id "
+                f"({largest}); CLIP pools each caption at its largest id, so EOS must be the last id, "
+                f"as in openai/clip-vit-base-patch32 (49407)"
+            )
         if max_length is None:
             max_length = _text_length_from_config(Path(folder))
         if max_length is None:

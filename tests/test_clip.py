@@ -39,17 +39,16 @@ def tiny_config(vocab_size: int = 64, hidden_act: str = "quick_gelu", init: floa
     })
 
 
-def write_tiny_tokenizer(folder: Path) -> int:
-    """A character-level BPE in CLIP's convention ("</w>" word ends, BOS/EOS last); returns the vocab size."""
+def write_tiny_tokenizer(folder: Path, specials_first: bool = False) -> int:
+    """A character-level BPE in CLIP's convention ("</w>" word ends, BOS/EOS last, or first when
+    `specials_first`, which CLIP cannot read); returns the vocab size."""
     from tokenizers.models import BPE
 
     letters = "abcdefghijklmnopqrstuvwxyz"
-    vocab: dict[str, int] = {}
-    for token in [*letters, *(c + "</w>" for c in letters), "ca", "cat</w>"]:
-        vocab[token] = len(vocab)
+    specials = ["<|startoftext|>", "<|endoftext|>"]
+    words = [*letters, *(c + "</w>" for c in letters), "ca", "cat</w>"]
     # EOS must be the largest id: the model pools at argmax(input_ids).
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
+    vocab = {token: i for i, token in enumerate(specials + words if specials_first else words + specials)}
     folder.mkdir(parents=True, exist_ok=True)
     BPE(vocab, [("c", "a"), ("ca", "t</w>")], end_of_word_suffix="</w>").save(str(folder))  # vocab.json, merges.txt
     (folder / "tokenizer_config.json").write_text(json.dumps({
@@ -228,6 +227,14 @@ def test_tokenizer_pads_with_eos_and_truncates(tiny_folder):
 def test_tokenizer_missing_files_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(tiny_config().to_dict()))
     with pytest.raises(CheckpointError, match="tokenizer.json, or vocab.json and merges.txt"):
+        CLIPTextTokenizer.from_pretrained(tmp_path)
+
+
+def test_tokenizer_whose_eos_is_not_the_largest_id_is_refused(tmp_path):
+    # CLIP reads a caption at argmax(input_ids): with EOS = 1 it would read the caption's
+    # largest-id word and drop every word after it, without an error anywhere.
+    write_tiny_tokenizer(tmp_path, specials_first=True)
+    with pytest.raises(CheckpointError, match=r"EOS id \(1\) is not its largest id \(55\)"):
         CLIPTextTokenizer.from_pretrained(tmp_path)
 
 

@@ -45,6 +45,36 @@ def test_the_shipped_pipeline_config_is_the_one_training_writes():
     assert text == PIPELINE_TOML.format(description=description)
 
 
+# One scene per row, then a caption that changes only the position and one that changes only the
+# background: words at the end of the caption, after the shape.
+WHOLE_CAPTION_CASES = [
+    (("circle", "red", "large", "top left", "white"), "bottom right", "blue"),
+    (("square", "blue", "small", "bottom", "yellow"), "top", "black"),
+    (("star", "orange", "large", "right", "purple"), "left", "green"),
+    (("cross", "white", "small", "centre", "red"), "top right", "yellow"),
+]
+
+
+def test_the_shipped_clip_reads_the_whole_caption():
+    """The ranker must tell a caption's position and background, which come after the shape words:
+    CLIP pools at the largest token id, and with EOS not the largest the shipped CLIP once read each
+    caption only up to its largest-id word ("a small orange ring")."""
+    from dataclasses import replace
+
+    from palette.stages.ranker import CLIPScorer
+    from palette.training import shapes as S
+
+    scorer = CLIPScorer.from_pretrained(default_config_path().parent / "clip")
+    for (shape, colour, size, position, background), other_position, other_background in WHOLE_CAPTION_CASES:
+        scene = S.SceneSpec((S.ObjectSpec(shape, colour, size, position),), background)
+        image = Image.fromarray(S.render(scene))
+        moved = replace(scene, objects=(replace(scene.objects[0], position=other_position),))
+        captions = [S.caption(scene, full=True), S.caption(moved, full=True),
+                    S.caption(replace(scene, background=other_background), full=True)]
+        scores = [float(scorer.score(c, [image])[0]) for c in captions]
+        assert scores[0] > max(scores[1:]), (captions, scores)
+
+
 @pytest.fixture(scope="module")
 def readings() -> dict[str, list[dict]]:
     """For each prompt, what the analyser reads in each served candidate (best CLIP score first)."""

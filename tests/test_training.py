@@ -312,7 +312,7 @@ def test_clip_trainer_lowers_loss_and_round_trips(tmp_path, pool, tokenizers):
 
 def test_clip_trainer_takes_negative_images(tmp_path, pool, tokenizers):
     out, _, clip_vocab = tokenizers
-    loop = T.LoopConfig(steps=30, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
+    loop = T.LoopConfig(steps=60, batch_size=16, lr=3e-3, warmup=5, log_every=1, checkpoint_every=10, progress=False)
     spoilt = pool.images[:8, ::-1]  # any images no caption describes
     clip = T.train_clip(out, tmp_path / "run", pool, loop, tiny_clip_config(clip_vocab),
                         reconstructions=pool.images[:8], negatives=spoilt, negatives_per_batch=4)
@@ -475,4 +475,7 @@ def test_tokenizers_are_the_same_files_every_time(tmp_path):
     text = "a large green star in the top right corner on a blue background"
     ids = clip(text)["input_ids"]
     assert ids[0] == clip.bos_token_id and ids[-1] == clip.eos_token_id and clip.eos_token_id not in ids[1:-1]
+    # CLIP's convention: BOS and EOS are the last two ids, so argmax(input_ids) finds the EOS.
+    assert (clip.bos_token_id, clip.eos_token_id) == (len(clip) - 2, len(clip) - 1)
+    assert max(clip.get_vocab().values()) == clip.eos_token_id and int(np.argmax(ids)) == len(ids) - 1
     assert clip.decode(ids, skip_special_tokens=True) == text

@@ -3,8 +3,8 @@
 * DalleBart reads text with a byte-level BPE in BART's convention (`<s>`=0,
   `<pad>`=1, `</s>`=2, `<unk>`=3, `<mask>`=4), saved as BartTokenizerFast saves it.
 * CLIP reads text with CLIP's BPE convention (lower-cased, `</w>` word ends,
-  `<|startoftext|>` / `<|endoftext|>`; padding with the EOS id), saved as
-  CLIPTokenizerFast saves it.
+  `<|startoftext|>` / `<|endoftext|>` as the last two ids, so EOS is the largest;
+  padding with the EOS id), saved as CLIPTokenizerFast saves it.
 
 Both are trained with the `tokenizers` library on the caption corpus, so the
 shipped model folders load through exactly the code paths the released ones do.
@@ -43,18 +43,29 @@ def train_bart_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
 
 def train_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 512,
                          model_max_length: int = 32) -> Path:
-    """CLIP-style BPE (lower case, `</w>` suffix, BOS/EOS specials, EOS as padding)."""
+    """CLIP-style BPE (lower case, `</w>` suffix, BOS/EOS specials, EOS as padding).
+
+    The specials take the last two ids, as in CLIP's own vocabulary (49406, 49407): CLIP's text
+    tower reads a caption at argmax(input_ids), which is its EOS only when EOS is the largest id.
+    Anywhere else it reads the caption's largest-id word, and everything after that word is lost."""
     from transformers import CLIPTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token=CLIP_EOS, end_of_word_suffix="</w>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(r"\s+", " "),
-                                           normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    trained = Tokenizer(models.BPE(unk_token=CLIP_EOS, end_of_word_suffix="</w>"))
+    trained.normalizer = _clip_normalizer()
+    trained.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[CLIP_BOS, CLIP_EOS], show_progress=False,
                                   end_of_word_suffix="</w>")
-    tok.train_from_iterator(texts, trainer)
-    tok.model = _canonical_bpe(tok.model, [CLIP_BOS, CLIP_EOS], unk_token=CLIP_EOS, end_of_word_suffix="</w>")
+    trained.train_from_iterator(texts, trainer)
+    # A new Tokenizer around the renumbered model: the trained one keeps its specials at the ids the
+    # trainer gave them (0 and 1), and registering them anew takes the model's ids.
+    tok = Tokenizer(_canonical_bpe(trained.model, [CLIP_BOS, CLIP_EOS], unk_token=CLIP_EOS,
+                                   end_of_word_suffix="</w>"))
+    tok.normalizer = _clip_normalizer()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    tok.add_special_tokens([CLIP_BOS, CLIP_EOS])
+    if tok.token_to_id(CLIP_EOS) != tok.get_vocab_size() - 1:
+        raise AssertionError("the CLIP tokenizer's EOS must be its largest id")
     bos, eos = tok.token_to_id(CLIP_BOS), tok.token_to_id(CLIP_EOS)
     tok.post_processor = processors.TemplateProcessing(single=f"{CLIP_BOS} $A {CLIP_EOS}",
                                                        special_tokens=[(CLIP_BOS, bos), (CLIP_EOS, eos)])
@@ -63,10 +74,15 @@ def train_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     return _save(fast, tok, out_dir)
 
 
+def _clip_normalizer() -> normalizers.Normalizer:
+    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(r"\s+", " "), normalizers.Lowercase()])
+
+
 def _canonical_bpe(model: models.BPE, specials: list[str], **options) -> models.BPE:
     """The same BPE with its ids in a fixed order: the trainer numbers the word-final characters
     ("a</w>", ...) in hash-map order, which changes from run to run, and with it every id the
-    model is trained on. Specials first, then the characters sorted, then merges in merge order."""
+    model is trained on. The characters sorted, then merges in merge order, then the specials (so the
+    last special has the largest id)."""
     import json
     import tempfile
 
@@ -78,7 +94,7 @@ def _canonical_bpe(model: models.BPE, specials: list[str], **options) -> models.
     merged = list(dict.fromkeys(a + b for a, b in merges))
     not_chars = set(merged) | set(specials)
     chars = sorted((t for t in vocab if t not in not_chars), key=lambda t: (t.endswith("</w>"), t))
-    order = specials + chars + merged
+    order = chars + merged + specials
     return models.BPE(vocab={t: i for i, t in enumerate(order)}, merges=merges, **options)
 
 
