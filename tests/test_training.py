@@ -338,6 +338,29 @@ def test_clip_trainer_attribute_heads_learn_and_are_left_out_of_the_saved_model(
     assert S.SHAPES[labels[int(np.flatnonzero(one)[0]), 1]] == first.objects[0].shape
 
 
+def test_drift_colours_switches_one_colour_from_a_point_on():
+    pool = T.make_pool(4, 40, jitter=False, two_objects_prob=0.0)
+    vocabulary = PC.PatchVocabulary.for_images(64, 16)
+    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
+    is_object = T.object_token_mask(pool.images, 16)
+    drifted = T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5)
+    assert np.array_equal(drifted, T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5))
+    changed = (drifted != codes).any(axis=1)
+    assert 0.25 < changed.mean() < 0.75
+    kinds = set()
+    for before, after in zip(codes[changed], drifted[changed]):
+        (m0, c0, b0), (m1, c1, b1) = vocabulary.factors(before), vocabulary.factors(after)
+        assert np.array_equal(m0, m1)  # the shapes stay: only a colour changes
+        kind = "object" if (c0 != c1).any() else "background"
+        old, new = (c0, c1) if kind == "object" else (b0, b1)
+        assert not ((c0 != c1).any() and (b0 != b1).any())
+        cut = int(np.flatnonzero(old != new)[0])
+        assert len(set(new[cut:].tolist())) == 1 and np.array_equal(old[:cut], new[:cut])  # one colour from the cut on
+        kinds.add(kind)
+    assert kinds == {"object", "background"}
+    assert np.array_equal(T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.0), codes)
+
+
 def test_corrupt_codes_spoil_the_object_and_its_surroundings_only():
     pool = T.make_pool(4, 24, jitter=False, two_objects_prob=0.2)
     grid = 16

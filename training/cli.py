@@ -121,7 +121,8 @@ def _train_one(args: argparse.Namespace) -> None:
         from palette.stages.models.vqgan import VQGAN
 
         if (out / "vqgan" / "config.json").is_file():  # as `train default` trains it
-            recon, negatives = T.clip_images(VQGAN.from_pretrained(out / "vqgan"), pool, codes, args.seed)
+            recon, negatives = T.clip_images(VQGAN.from_pretrained(out / "vqgan"), pool, codes, args.seed,
+                                             vocabulary)
             T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon, negatives=negatives,
                          **T.CLIP_RECIPE)
         else:
