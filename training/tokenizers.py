@@ -50,18 +50,14 @@ def train_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     Anywhere else it reads the caption's largest-id word, and everything after that word is lost."""
     from transformers import CLIPTokenizerFast
 
-    trained = Tokenizer(models.BPE(unk_token=CLIP_EOS, end_of_word_suffix="</w>"))
-    trained.normalizer = _clip_normalizer()
-    trained.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    trained = _clip_text_pipeline(models.BPE(unk_token=CLIP_EOS, end_of_word_suffix="</w>"))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[CLIP_BOS, CLIP_EOS], show_progress=False,
                                   end_of_word_suffix="</w>")
     trained.train_from_iterator(texts, trainer)
     # A new Tokenizer around the renumbered model: the trained one keeps its specials at the ids the
     # trainer gave them (0 and 1), and registering them anew takes the model's ids.
-    tok = Tokenizer(_canonical_bpe(trained.model, [CLIP_BOS, CLIP_EOS], unk_token=CLIP_EOS,
-                                   end_of_word_suffix="</w>"))
-    tok.normalizer = _clip_normalizer()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    tok = _clip_text_pipeline(_canonical_bpe(trained.model, [CLIP_BOS, CLIP_EOS], unk_token=CLIP_EOS,
+                                             end_of_word_suffix="</w>"))
     tok.decoder = decoders.BPEDecoder(suffix="</w>")
     tok.add_special_tokens([CLIP_BOS, CLIP_EOS])
     if tok.token_to_id(CLIP_EOS) != tok.get_vocab_size() - 1:
@@ -74,8 +70,14 @@ def train_clip_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: 
     return _save(fast, tok, out_dir)
 
 
-def _clip_normalizer() -> normalizers.Normalizer:
-    return normalizers.Sequence([normalizers.NFC(), normalizers.Replace(r"\s+", " "), normalizers.Lowercase()])
+def _clip_text_pipeline(model: models.BPE) -> Tokenizer:
+    """A Tokenizer around `model` that reads text as CLIP's does: NFC, one space for any run of
+    whitespace, lower case, split at whitespace."""
+    tok = Tokenizer(model)
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(r"\s+", " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    return tok
 
 
 def _canonical_bpe(model: models.BPE, specials: list[str], **options) -> models.BPE:
