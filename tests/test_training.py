@@ -361,6 +361,25 @@ def test_drift_colours_switches_one_colour_from_a_point_on():
     assert np.array_equal(T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.0), codes)
 
 
+def test_drifting_objects_never_take_a_held_out_colour():
+    pool = T.make_pool(5, 400, jitter=False, two_objects_prob=0.2)
+    vocabulary = PC.PatchVocabulary.for_images(64, 16)
+    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
+    is_object = T.object_token_mask(pool.images, 16)
+    allowed = T.allowed_colours(pool.scenes)
+    square = [i for i, s in enumerate(pool.scenes) if any(o.shape == "square" for o in s.objects)]
+    assert not allowed[square, S.COLOUR_NAMES.index("yellow")].any()  # ("yellow", "square") is held out
+    drifted = T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(0), share=1.0, allowed=allowed)
+    seen_colours = set()
+    for i in np.flatnonzero((drifted != codes).any(axis=1)):
+        _, before, _ = vocabulary.factors(codes[i])
+        _, after, _ = vocabulary.factors(drifted[i])
+        for c in set(after.tolist()) - set(before.tolist()):
+            seen_colours.add(c)
+            assert all((S.COLOUR_NAMES[c], o.shape) not in S.HELDOUT for o in pool.scenes[i].objects)
+    assert len(seen_colours) == len(S.COLOUR_NAMES)  # every colour is still drifted to somewhere
+
+
 def test_corrupt_codes_spoil_the_object_and_its_surroundings_only():
     pool = T.make_pool(4, 24, jitter=False, two_objects_prob=0.2)
     grid = 16

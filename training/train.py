@@ -500,10 +500,12 @@ def corrupt_codes(codes: np.ndarray, is_object: np.ndarray, rng: np.random.Gener
 
 
 def drift_colours(codes: np.ndarray, is_object: np.ndarray, vocabulary: PC.PatchVocabulary,
-                  rng: np.random.Generator, share: float = 0.25) -> np.ndarray:
+                  rng: np.random.Generator, share: float = 0.25, allowed: np.ndarray | None = None) -> np.ndarray:
     """Code grids whose object colour or background colour switches to another colour partway
     through the raster order, as a sampled image drifts (half each way): more of the CLIP ranker's
     negative images. A `share` of the grids with object codes changes; the rest are returned as they are.
+    An object only drifts to a colour its row of `allowed` (bool [N, C], `allowed_colours`) permits,
+    so that not even a spoilt image shows a held-out colour x shape pair.
     """
     codes = np.array(codes, copy=True)
     n_colours = vocabulary.factor_sizes[1]
@@ -516,13 +518,20 @@ def drift_colours(codes: np.ndarray, is_object: np.ndarray, vocabulary: PC.Patch
         ground = int(np.bincount(background).argmax())
         cut = int(rng.integers(length // 4, 3 * length // 4))
         switch_object = rng.random() < 0.5
-        other = int(rng.choice([k for k in range(n_colours) if k not in (own, ground)]))
+        other = int(rng.choice([k for k in range(n_colours) if k not in (own, ground)
+                                and (not switch_object or allowed is None or allowed[i, k])]))
         if switch_object:
             colour[cut:] = other
         else:
             background[cut:] = other
         codes[i] = vocabulary.code(mask, colour, background)
     return codes
+
+
+def allowed_colours(scenes) -> np.ndarray:
+    """bool [N, C]: the colours each scene's objects may take without making a held-out pair."""
+    return np.asarray([[all((c, o.shape) not in S.HELDOUT for o in s.objects) for c in S.COLOUR_NAMES]
+                       for s in scenes])
 
 
 def factor_params(params: dict, vocabulary: PC.PatchVocabulary, config: DB.DalleBartConfig, seed: int) -> dict:
@@ -933,7 +942,7 @@ def clip_images(vq: VQGAN, pool: Pool, codes: np.ndarray, seed: int,
     codes = np.asarray(codes)
     is_object = object_token_mask(pool.images, math.isqrt(codes.shape[1]))
     spoilt = corrupt_codes(codes, is_object, batch_rng(seed, 0, 7))
-    drifted = drift_colours(codes, is_object, vocabulary, batch_rng(seed, 0, 8))
+    drifted = drift_colours(codes, is_object, vocabulary, batch_rng(seed, 0, 8), allowed=allowed_colours(pool.scenes))
     spoilt = np.where((drifted != codes).any(axis=1, keepdims=True), drifted, spoilt)
     return decode_codes(vq, codes), decode_codes(vq, spoilt)
 
