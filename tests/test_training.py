@@ -343,8 +343,10 @@ def test_drift_colours_switches_one_colour_from_a_point_on():
     vocabulary = PC.PatchVocabulary.for_images(64, 16)
     codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
     is_object = T.object_token_mask(pool.images, 16)
-    drifted = T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5)
-    assert np.array_equal(drifted, T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5))
+    allowed = T.allowed_colours(pool.scenes)
+    drifted = T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5, allowed=allowed)
+    assert np.array_equal(drifted, T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5,
+                                                   allowed=allowed))
     changed = (drifted != codes).any(axis=1)
     assert 0.25 < changed.mean() < 0.75
     kinds = set()
@@ -358,7 +360,8 @@ def test_drift_colours_switches_one_colour_from_a_point_on():
         assert len(set(new[cut:].tolist())) == 1 and np.array_equal(old[:cut], new[:cut])  # one colour from the cut on
         kinds.add(kind)
     assert kinds == {"object", "background"}
-    assert np.array_equal(T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.0), codes)
+    assert np.array_equal(T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.0,
+                                          allowed=allowed), codes)
 
 
 def test_drifting_objects_never_take_a_held_out_colour():

@@ -81,6 +81,11 @@ HELDOUT: tuple[tuple[str, str], ...] = (
 )
 _HELDOUT_SET = frozenset(HELDOUT)
 
+
+def is_heldout_pair(colour: str, shape: str) -> bool:
+    """Whether an object of this colour and shape is one of the `HELDOUT` pairs."""
+    return (colour, shape) in _HELDOUT_SET
+
 # --------------------------------------------------------------------------
 # Geometry, as fractions of the image side
 # --------------------------------------------------------------------------
@@ -136,7 +141,7 @@ class ObjectSpec:
 
     @property
     def is_heldout(self) -> bool:
-        return (self.colour, self.shape) in _HELDOUT_SET
+        return is_heldout_pair(self.colour, self.shape)
 
 
 @dataclass(frozen=True)
@@ -176,7 +181,7 @@ class SceneSpec:
 # --------------------------------------------------------------------------
 
 def _pairs(exclude_heldout: bool) -> list[tuple[str, str]]:
-    return [(c, s) for c in COLOUR_NAMES for s in SHAPES if not (exclude_heldout and (c, s) in _HELDOUT_SET)]
+    return [(c, s) for c in COLOUR_NAMES for s in SHAPES if not (exclude_heldout and is_heldout_pair(c, s))]
 
 
 _TRAIN_PAIRS = _pairs(True)
@@ -530,6 +535,6 @@ def eval_prompts(kind: str = "heldout", n: int = 48, seed: int | None = None, *,
 __all__ = [
     "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COLOUR_NAMES", "EvalPrompt", "GRID_CENTRES", "HALF_EXTENT", "HELDOUT",
     "ObjectSpec", "POSITIONS", "POSITION_NAMES", "RELATIONS", "SHAPES", "SIZES", "SceneSpec", "TWO_OBJECT_LAYOUTS",
-    "batch", "caption", "caption_and_mentions", "caption_words", "coverage", "eval_prompts", "heldout_scenes",
+    "batch", "caption", "caption_and_mentions", "caption_words", "coverage", "eval_prompts", "heldout_scenes", "is_heldout_pair",
     "iterate_dataset", "render", "sample_scene", "seen_scenes", "shape_mask",
 ]

@@ -500,7 +500,7 @@ def corrupt_codes(codes: np.ndarray, is_object: np.ndarray, rng: np.random.Gener
 
 
 def drift_colours(codes: np.ndarray, is_object: np.ndarray, vocabulary: PC.PatchVocabulary,
-                  rng: np.random.Generator, share: float = 0.25, allowed: np.ndarray | None = None) -> np.ndarray:
+                  rng: np.random.Generator, share: float = 0.25, *, allowed: np.ndarray) -> np.ndarray:
     """Code grids whose object colour or background colour switches to another colour partway
     through the raster order, as a sampled image drifts (half each way): more of the CLIP ranker's
     negative images. A `share` of the grids with object codes changes; the rest are returned as they are.
@@ -519,7 +519,7 @@ def drift_colours(codes: np.ndarray, is_object: np.ndarray, vocabulary: PC.Patch
         cut = int(rng.integers(length // 4, 3 * length // 4))
         switch_object = rng.random() < 0.5
         other = int(rng.choice([k for k in range(n_colours) if k not in (own, ground)
-                                and (not switch_object or allowed is None or allowed[i, k])]))
+                                and (not switch_object or allowed[i, k])]))
         if switch_object:
             colour[cut:] = other
         else:
@@ -530,7 +530,7 @@ def drift_colours(codes: np.ndarray, is_object: np.ndarray, vocabulary: PC.Patch
 
 def allowed_colours(scenes) -> np.ndarray:
     """bool [N, C]: the colours each scene's objects may take without making a held-out pair."""
-    return np.asarray([[all((c, o.shape) not in S.HELDOUT for o in s.objects) for c in S.COLOUR_NAMES]
+    return np.asarray([[not any(S.is_heldout_pair(c, o.shape) for o in s.objects) for c in S.COLOUR_NAMES]
                        for s in scenes])
 
 
