@@ -338,12 +338,16 @@ def test_clip_trainer_attribute_heads_learn_and_are_left_out_of_the_saved_model(
     assert S.SHAPES[labels[int(np.flatnonzero(one)[0]), 1]] == first.objects[0].shape
 
 
-def test_drift_colours_switches_one_colour_from_a_point_on():
-    pool = T.make_pool(4, 40, jitter=False, two_objects_prob=0.0)
+def _drift_inputs(pool):
+    """(vocabulary, codes, is_object, allowed colours) of a pool, as `clip_images` hands them to `drift_colours`."""
     vocabulary = PC.PatchVocabulary.for_images(64, 16)
     codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
-    is_object = T.object_token_mask(pool.images, 16)
-    allowed = T.allowed_colours(pool.scenes)
+    return vocabulary, codes, T.object_token_mask(pool.images, 16), T.allowed_colours(pool.scenes)
+
+
+def test_drift_colours_switches_one_colour_from_a_point_on():
+    pool = T.make_pool(4, 40, jitter=False, two_objects_prob=0.0)
+    vocabulary, codes, is_object, allowed = _drift_inputs(pool)
     drifted = T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5, allowed=allowed)
     assert np.array_equal(drifted, T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5,
                                                    allowed=allowed))
@@ -366,10 +370,7 @@ def test_drift_colours_switches_one_colour_from_a_point_on():
 
 def test_drifting_objects_never_take_a_held_out_colour():
     pool = T.make_pool(5, 400, jitter=False, two_objects_prob=0.2)
-    vocabulary = PC.PatchVocabulary.for_images(64, 16)
-    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
-    is_object = T.object_token_mask(pool.images, 16)
-    allowed = T.allowed_colours(pool.scenes)
+    vocabulary, codes, is_object, allowed = _drift_inputs(pool)
     square = [i for i, s in enumerate(pool.scenes) if any(o.shape == "square" for o in s.objects)]
     assert not allowed[square, S.COLOUR_NAMES.index("yellow")].any()  # ("yellow", "square") is held out
     drifted = T.drift_colours(codes, is_object, vocabulary, np.random.default_rng(0), share=1.0, allowed=allowed)
