@@ -45,6 +45,11 @@ class PaletteStub:
                 request_serializer=palette_dot_v1_dot_palette__pb2.RankRequest.SerializeToString,
                 response_deserializer=palette_dot_v1_dot_palette__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.RankImages = channel.unary_unary(
+                '/palette.v1.Palette/RankImages',
+                request_serializer=palette_dot_v1_dot_palette__pb2.RankImagesRequest.SerializeToString,
+                response_deserializer=palette_dot_v1_dot_palette__pb2.RankImagesResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/palette.v1.Palette/GetModelInfo',
                 request_serializer=palette_dot_v1_dot_palette__pb2.GetModelInfoRequest.SerializeToString,
@@ -78,6 +83,15 @@ class PaletteServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RankImages(self, request, context):
+        """Rank in one request: the prompt and every image in one message, one reply with all scores. For
+        callers that cannot stream a request body (browsers). The same ranker and limits as Rank, and the
+        whole request must also fit ModelInfo.limits.max_rank_call_bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetModelInfo(self, request, context):
         """What the server runs: stages, checkpoints, dtypes, devices and the limits requests must respect.
         """
@@ -97,6 +111,11 @@ def add_PaletteServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=palette_dot_v1_dot_palette__pb2.RankRequest.FromString,
                     response_serializer=palette_dot_v1_dot_palette__pb2.RankResponse.SerializeToString,
+            ),
+            'RankImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.RankImages,
+                    request_deserializer=palette_dot_v1_dot_palette__pb2.RankImagesRequest.FromString,
+                    response_serializer=palette_dot_v1_dot_palette__pb2.RankImagesResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
@@ -159,6 +178,33 @@ class Palette:
             '/palette.v1.Palette/Rank',
             palette_dot_v1_dot_palette__pb2.RankRequest.SerializeToString,
             palette_dot_v1_dot_palette__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RankImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/palette.v1.Palette/RankImages',
+            palette_dot_v1_dot_palette__pb2.RankImagesRequest.SerializeToString,
+            palette_dot_v1_dot_palette__pb2.RankImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,
