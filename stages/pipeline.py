@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import tomllib
 from pathlib import Path
@@ -78,10 +77,9 @@ def sampling_defaults(settings: dict[str, Any]) -> tuple[float, float]:
         temperature = float(settings.get("temperature", DEFAULT_TEMPERATURE))
     except (TypeError, ValueError) as err:
         raise StageError(f"[pipeline] condition_scale and temperature must be numbers: {err}") from None
-    if not math.isfinite(scale):
-        raise StageError(f"[pipeline] condition_scale must be a finite number, got {scale}")
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        raise StageError(f"[pipeline] temperature must be a finite number > 0, got {temperature}")
+    problems = SamplingParams(seed=1, temperature=temperature, condition_scale=scale).problems()
+    if problems:
+        raise StageError(f"[pipeline] {'; '.join(problems)}")
     return scale, temperature
 
 
@@ -205,8 +203,9 @@ class Pipeline:
     def has_ranker(self) -> bool:
         return self.ranker is not None
 
-    def encode_prompt(self, prompt: str) -> PromptTokens:
-        return self.text.encode(prompt)
+    def encode_prompt(self, prompt: str, seeds: Sequence[int] = (0,)) -> list[PromptTokens]:
+        """The prompt's tokens for each image seed (PromptError when the model cannot take it)."""
+        return self.text.encode(prompt, seeds)
 
     def decode(self, tokens: np.ndarray) -> list[Image.Image]:
         """[N, image_length] image tokens -> N images (VQGAN, then every image -> image stage)."""
@@ -236,6 +235,17 @@ class Pipeline:
                 continue
             items = stage.execute(items)
         return items
+
+    def warmup(self, rank_batch: int = 8) -> None:
+        """Compile everything serving will need before the first request: the sampler's shapes, each
+        decode batch size up to num_slots and each rank batch size up to `rank_batch`, and a preview."""
+        (prompt,) = self.encode_prompt("warm up")
+        grid = np.stack([self.sampler.warmup(prompt)] * max(self.sampler.num_slots, rank_batch))
+        for n in sorted({min(1 << i, len(grid)) for i in range(len(grid).bit_length() + 1)}):
+            images = self.decode(grid[:n])
+            if self.has_ranker:
+                self.rank("warm up", images)
+        self.preview(grid[0], 1)
 
     def info(self) -> dict[str, Any]:
         return {

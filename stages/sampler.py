@@ -46,17 +46,27 @@ class SamplingParams:
     temperature: float = 1.0  # > 0
     condition_scale: float = 10.0
 
-    def validate(self) -> None:
+    def problems(self, max_top_k: int = DEFAULT_MAX_TOP_K) -> list[str]:
+        """Everything wrong with these settings, each a message that names the field, the allowed
+        range and the value. The one place sampling settings are checked."""
+        found = []
         if not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be in 0..{2**32 - 1}, got {self.seed}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 = default {DEFAULT_TOP_K}), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.temperature > 0.0 or not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be a positive number, got {self.temperature}")
+            found.append(f"seed must be 0..{2**32 - 1}, got {self.seed}")
+        if not 0 <= self.top_k <= max_top_k:
+            found.append(f"top_k must be 0..{max_top_k} (0 = the model default), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:  # also refuses NaN
+            found.append(f"top_p must be in (0, 1], got {self.top_p:.9g}")
+        if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
+            found.append(f"temperature must be a finite number > 0, got {self.temperature:.9g}")
         if not math.isfinite(self.condition_scale):
-            raise ValueError(f"condition_scale must be a finite number, got {self.condition_scale}")
+            found.append(f"condition_scale must be a finite number, got {self.condition_scale:.9g}")
+        return found
+
+    def validate(self, max_top_k: int = DEFAULT_MAX_TOP_K) -> None:
+        """ValueError listing every problem (see `problems`)."""
+        found = self.problems(max_top_k)
+        if found:
+            raise ValueError("; ".join(found))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,9 +261,7 @@ class SamplerEngine:
             if self._occupied[s]:
                 raise ValueError(f"slot {s} is occupied")
         for p in params:
-            p.validate()
-            if p.top_k > self.max_top_k:
-                raise ValueError(f"top_k must be 0..{self.max_top_k} (0 = default {self.default_top_k}), got {p.top_k}")
+            p.validate(self.max_top_k)
         # Admissions are padded to a power of two so the encoder compiles for a few sizes only.
         n = 1 << (len(slots) - 1).bit_length()
         pad = n - len(slots)
@@ -295,6 +303,37 @@ class SamplerEngine:
         mask = np.zeros(self.num_slots, bool)
         mask[list(slots)] = True
         self.state = self._release(self.state, mask)
+
+    def warmup(self, prompt: PromptTokens) -> np.ndarray:
+        """Compile what a continuous-batching driver will ask for, before the first request: every
+        admission size, whole runs, a step after an admit, after a step and after a release, and
+        every release count. Returns a finished row's tokens (for warming the decoder)."""
+        params = lambda n: [SamplingParams(seed=i + 1) for i in range(n)]  # noqa: E731
+        final = None
+        for n in sorted({min(1 << i, self.num_slots) for i in range(self.num_slots.bit_length() + 1)}):
+            slots = self.free_slots()[:n]
+            self.admit(slots, [prompt] * n, params(n))
+            progress = self.step()
+            while not all(p.finished for p in progress):
+                progress = self.step()
+            final = progress[0].tokens
+            self.release(slots)
+        self.admit([0], [prompt], params(1))
+        self.step()
+        if self.num_slots > 1:
+            self.admit([1], [prompt], params(1))
+            self.step()
+            self.release([0])
+            self.step()
+            self.release([1])
+        else:
+            self.release([0])
+        for count in range(1, self.num_slots + 1):
+            self.release(list(range(count)))
+        self.admit([0], [prompt], params(1))
+        self.step()
+        self.release([0])
+        return final
 
     def run(self, prompts: Sequence[PromptTokens], params: Sequence[SamplingParams]) -> Iterator[list[SlotProgress]]:
         """Admit everything that fits, step until all are finished, yielding progress after each chunk."""
