@@ -6,7 +6,8 @@ model module; the pipeline config names its checkpoint and options.
 
 from __future__ import annotations
 
-from typing import Any
+import random
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -63,25 +64,40 @@ class TextProcessorStage(Stage):
         self.max_prompt_chars = int(self.options.get("max_prompt_chars", 1000))
         self.max_prompt_tokens = int(self.processor.max_text_length)
 
-    def encode(self, prompt: str):
+    def encode(self, prompt: str, seeds: Sequence[int] = (0,)) -> list:
+        """PromptTokens for each image seed, or PromptError saying what is wrong with the prompt.
+
+        DALL·E Mini's normaliser replaces a lone `<person>` with a phrase drawn at random. The draw
+        comes from the image's seed, so a seed gives the same image every time; a prompt that draws
+        nothing is normalised and tokenised once for all its images.
+        """
         from .sampler import PromptTokens
+        from .text import DrawRecorder
 
         if not prompt or not prompt.strip():
             raise PromptError("prompt is empty; describe the image you want")
         if len(prompt) > self.max_prompt_chars:
             raise PromptError(f"prompt is {len(prompt)} characters; the limit is {self.max_prompt_chars}")
-        count = self.processor.token_count(prompt)
+        rng = DrawRecorder(seeds[0])
+        texts = [self.processor.normalize(prompt, rng)]
+        if not texts[0].strip():
+            raise PromptError("prompt has no words left after normalisation (URLs, punctuation and invisible "
+                              "characters are dropped); describe the image in words")
+        count = self.processor.normalized_token_count(texts[0])
         if count > self.max_prompt_tokens:
             raise PromptError(
                 f"prompt is {count} tokens after normalisation; the model reads at most {self.max_prompt_tokens} "
                 f"tokens (including the 2 start/end tokens): shorten it")
-        enc = self.processor([prompt])
-        return PromptTokens(enc["input_ids"][0], enc["attention_mask"][0],
-                            enc["input_ids_uncond"][0], enc["attention_mask_uncond"][0])
+        if rng.drew:
+            texts += [self.processor.normalize(prompt, random.Random(seed)) for seed in seeds[1:]]
+        enc = self.processor.encode_normalized(texts)
+        tokens = [PromptTokens(enc["input_ids"][i], enc["attention_mask"][i], enc["input_ids_uncond"][i],
+                               enc["attention_mask_uncond"][i]) for i in range(len(texts))]
+        return tokens if rng.drew else tokens * len(seeds)
 
     def execute(self, batch):
         for item in batch:
-            item[PROMPT_TOKENS] = self.encode(item[PROMPT])
+            item[PROMPT_TOKENS] = self.encode(item[PROMPT], [item[SAMPLING].seed])[0]
         return batch
 
     def describe(self):

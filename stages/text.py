@@ -263,13 +263,14 @@ class TextNormalizer:
         self._hashtags = HashtagSplitter(word_costs)
         self._rng = rng if rng is not None else random
 
-    def __call__(self, text: str) -> str:
+    def __call__(self, text: str, rng: random.Random | None = None) -> str:
+        """The normalised text; `rng` (default: the normaliser's) draws the <person> replacements."""
         t = ftfy.fix_text(text)
         t = unescape_html(t)
         t = emoji.demojize(t)  # before unidecode, which would drop emoji: "🐱" -> ":cat_face:"
         t = unidecode(t)
         t = t.lower()
-        t = replace_person_tokens(t, self._rng)
+        t = replace_person_tokens(t, rng if rng is not None else self._rng)
         t = remove_wiki_refs(t)
         t = remove_html_tags(t)
         t = remove_urls(t)
@@ -341,13 +342,16 @@ class DalleBartTextProcessor:
             normalizer = TextNormalizer(word_frequency_file, rng=rng)
         return cls(tokenizer, config["max_text_length"], normalize_text, normalizer)
 
-    def normalize(self, prompt: str) -> str:
-        """The text the tokenizer sees for this prompt."""
-        return self.normalizer(prompt) if self.normalize_text else prompt
+    def normalize(self, prompt: str, rng: random.Random | None = None) -> str:
+        """The text the tokenizer sees for this prompt (`rng` draws any <person> replacements)."""
+        return self.normalizer(prompt, rng) if self.normalize_text else prompt
 
     def token_count(self, prompt: str) -> int:
         """Tokens of the prompt including `<s>` and `</s>`, before truncation to max_text_length."""
-        text = self.normalize(prompt)
+        return self.normalized_token_count(self.normalize(prompt))
+
+    def normalized_token_count(self, text: str) -> int:
+        """Tokens of an already normalised text including `<s>` and `</s>`, before truncation."""
         with self._lock:
             return len(self.tokenizer(text, verbose=False)["input_ids"])
 
@@ -362,8 +366,22 @@ class DalleBartTextProcessor:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("prompts must hold at least one prompt, got none")
-        out = self._encode([self.normalize(p) for p in prompts])
-        n = len(prompts)
+        return self.encode_normalized([self.normalize(p) for p in prompts])
+
+    def encode_normalized(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Already normalised texts -> the encoder inputs, with one unconditional row per text."""
+        out = self._encode(list(texts))
+        n = len(texts)
         out["input_ids_uncond"] = np.tile(self._input_ids_uncond, (n, 1))
         out["attention_mask_uncond"] = np.tile(self._attention_mask_uncond, (n, 1))
         return out
+
+
+class DrawRecorder(random.Random):
+    """A seeded `random.Random` that remembers whether anything drew from it."""
+
+    drew = False
+
+    def random(self) -> float:
+        self.drew = True
+        return super().random()
