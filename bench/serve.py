@@ -44,7 +44,7 @@ def png(image) -> bytes:
 def in_process(pipeline: Pipeline, total: int, batch: int, rank: bool) -> tuple[float, float]:
     """(images/s, seconds to the first image) running `total` images in batches of `batch`."""
     engine = pipeline.sampler
-    tokens = pipeline.encode_prompt(PROMPT)
+    (tokens,) = pipeline.encode_prompt(PROMPT)
     start = time.perf_counter()
     first = None
     done = 0
@@ -114,7 +114,7 @@ def main() -> int:
     server = PaletteServer(pipeline, ServerConfig(port=0, metrics_port=None, warmup=False,
                                                   max_queued_requests=max(64, 2 * max(map(int, args.clients.split(","))))))
     t0 = time.perf_counter()
-    server.batcher.warmup()
+    pipeline.warmup()
     print(f"warm-up (compiling) took {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     info = pipeline.info()
     slots = pipeline.sampler.num_slots

@@ -1,5 +1,9 @@
-"""The Palette model server: gRPC service, dynamic batcher, lifecycle. Needs the `server` extra."""
+"""The Palette model server: the RPCs' one implementation (core), its transports, batching, lifecycle.
 
+Needs the `server` extra.
+"""
+
+from .core import CoreConfig, PaletteCore
 from .service import PaletteServer, PaletteServicer, ServerConfig
 
-__all__ = ["PaletteServer", "PaletteServicer", "ServerConfig"]
+__all__ = ["PaletteServer", "PaletteServicer", "ServerConfig", "PaletteCore", "CoreConfig"]

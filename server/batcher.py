@@ -12,7 +12,11 @@ Two threads own all device work:
   next step boundary (continuous batching).
 * the **post thread** drains everything finished so far and decodes it as one VQGAN
   batch, CLIP-scores the rows of requests that asked to rank, and streams each
-  image to its request at once; it also serves Rank batches and previews.
+  image to its request at once; it also draws previews.
+* the **rank thread** scores the images of Rank calls, so that an upload never
+  delays a Generate image.
+
+Waiting requests sit in a `FairQueue`: free rows go round-robin over callers.
 
 A request's images depend only on its own seeds: each sampler row has its own PRNG
 stream, so what else shares the batch never changes a pixel.
@@ -20,7 +24,6 @@ stream, so what else shares the batch never changes a pixel.
 
 from __future__ import annotations
 
-import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -33,12 +36,12 @@ import numpy as np
 from PIL import Image
 
 from palette.stages.pipeline import Pipeline
-from palette.v1 import palette_pb2 as pb
 
-from .errors import QueueFull, RpcFailure, Unavailable
+from .errors import Cancelled, QueueFull, RpcFailure, Unavailable
+from .fair_queue import FairQueue
 from .images import encode_image
+from .jobs import GenerateJob, ImageEvent, PreviewEvent
 from .metrics import Metrics
-from .validation import GenerateSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,59 +49,9 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass
 class BatcherConfig:
     max_queued_requests: int = 64  # Generate requests waiting for rows; more -> RESOURCE_EXHAUSTED
+    max_queued_per_caller: int = 0  # likewise for one caller; 0 = only the total limit
     max_wait_ms: float = 10.0  # an idle engine waits this long for company before its first step
-    decode_batch: int = 0  # most images per VQGAN batch; 0 = num_slots
     rank_batch: int = 8  # images per CLIP batch in Rank calls
-
-
-class End:
-    """The last item of a request's event queue: finished (code None) or failed."""
-
-    def __init__(self, failure: RpcFailure | None = None):
-        self.failure = failure
-
-
-class GenerateJob:
-    """One Generate request's state as it moves through the batcher."""
-
-    def __init__(self, request_id: str, spec: GenerateSpec, image_length: int):
-        self.request_id = request_id
-        self.spec = spec
-        self.image_length = image_length
-        self.num_images = len(spec.params)
-        self.events: queue.Queue[Any] = queue.Queue()  # GenerateResponse messages, then one End
-        self.cancelled = threading.Event()  # client gone, deadline passed, or server fault
-        self.next_index = 0  # the next image to give a sampler row
-        self.tokens_done = [0] * self.num_images
-        self.last_preview = [0] * self.num_images
-        self.sampled = 0
-        self.sent = 0
-        self.scores: dict[int, float] = {}
-        self.accepted_at = time.monotonic()
-        self.first_step_at: float | None = None
-        self.sampled_at: float | None = None
-        self.first_image_at: float | None = None
-        self.decode_s = 0.0
-        self.rank_s = 0.0
-        self.ended = False
-
-    @property
-    def images_waiting(self) -> int:
-        return self.num_images - self.next_index
-
-    def progress(self) -> pb.GenerateResponse:
-        return pb.GenerateResponse(progress=pb.Progress(
-            tokens_done=sum(self.tokens_done), tokens_total=self.num_images * self.image_length,
-            images_sampled=self.sampled, images_queued=self.images_waiting))
-
-    def emit(self, response: pb.GenerateResponse) -> None:
-        if not self.ended:
-            self.events.put(response)
-
-    def end(self, failure: RpcFailure | None = None) -> None:
-        if not self.ended:
-            self.ended = True
-            self.events.put(End(failure))
 
 
 @dataclasses.dataclass
@@ -132,11 +85,11 @@ class Batcher:
         self.engine = pipeline.sampler
         self.config = config or BatcherConfig()
         self.metrics = metrics or Metrics(self.engine.num_slots)
-        self.decode_batch = self.config.decode_batch or self.engine.num_slots
         self._cv = threading.Condition()
-        self._waiting: collections.deque[GenerateJob] = collections.deque()  # under _cv
+        self._waiting = FairQueue()  # under _cv
         self._slots: dict[int, tuple[GenerateJob, int]] = {}  # sampler thread only
         self._post: queue.Queue[Any] = queue.Queue()
+        self._ranks: queue.Queue[Any] = queue.Queue()
         self._accepting = True
         self._stopping = False
         self._step_s = 0.0  # moving average of one step, for the retry hint
@@ -145,54 +98,11 @@ class Batcher:
     # -- lifecycle ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        for name, target in (("palette-sampler", self._sampler_loop), ("palette-post", self._post_loop)):
+        for name, target in (("palette-sampler", self._sampler_loop), ("palette-post", self._post_loop),
+                             ("palette-rank", self._rank_loop)):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
-
-    def warmup(self) -> None:
-        """Compile what requests will need before serving: every admission size, step after admit,
-        after step and after release, every release count, and each decode and rank batch size."""
-        from palette.stages.pipeline import SamplingParams
-
-        t0 = time.monotonic()
-        engine = self.engine
-        tokens = self.pipeline.encode_prompt("warm up")
-        params = lambda n: [SamplingParams(seed=i + 1) for i in range(n)]  # noqa: E731
-        sizes = sorted({min(1 << i, engine.num_slots) for i in range(engine.num_slots.bit_length() + 1)})
-        final = None
-        for n in sizes:  # whole runs: admit n, step until finished, release
-            slots = engine.free_slots()[:n]
-            engine.admit(slots, [tokens] * n, params(n))
-            progress = engine.step()
-            while not all(p.finished for p in progress):
-                progress = engine.step()
-            final = progress[0].tokens
-            engine.release(slots)
-        # Continuous batching: admit while others run, release some while others run.
-        engine.admit([0], [tokens], params(1))
-        engine.step()
-        if engine.num_slots > 1:
-            engine.admit([1], [tokens], params(1))
-            engine.step()
-            engine.release([0])
-            engine.step()
-            engine.release([1])
-        else:
-            engine.release([0])
-        for count in range(1, engine.num_slots + 1):
-            engine.release(list(range(count)))
-        engine.admit([0], [tokens], params(1))
-        engine.step()
-        engine.release([0])
-        grid = np.stack([final] * max(self.decode_batch, self.config.rank_batch))
-        images = []
-        for n in sorted({min(1 << i, len(grid)) for i in range(len(grid).bit_length() + 1)}):
-            images = self.pipeline.decode(grid[:n])
-            if self.pipeline.has_ranker:
-                self.pipeline.rank("warm up", images)
-        self.pipeline.preview(grid[0], 1)
-        log.info("warm-up done", extra={"seconds": round(time.monotonic() - t0, 2)})
 
     def stop_accepting(self) -> None:
         """New Generate requests get UNAVAILABLE from now on; work already accepted continues."""
@@ -205,6 +115,7 @@ class Batcher:
             self._accepting = False
             self._stopping = True
             self._cv.notify_all()
+        self._ranks.put(_STOP)
         for thread in self._threads:
             thread.join(timeout)
         self._threads = []
@@ -215,7 +126,7 @@ class Batcher:
 
     def idle(self) -> bool:
         with self._cv:
-            return not self._waiting and not self._slots
+            return not len(self._waiting) and not self._slots
 
     def occupied_slots(self) -> int:
         return len(self._slots)
@@ -227,43 +138,49 @@ class Batcher:
         with self._cv:
             if not self._accepting:
                 raise Unavailable("the server is shutting down; retry in a moment or on another replica")
-            if len(self._waiting) >= self.config.max_queued_requests:
+            limit = self.config.max_queued_requests
+            if len(self._waiting) >= limit:
                 retry_ms = self._retry_after_ms()
                 raise QueueFull(f"the server is busy: {len(self._waiting)} requests are waiting for sampler rows "
-                                f"(limit {self.config.max_queued_requests}); retry in about {retry_ms / 1000:.1f} s",
+                                f"(limit {limit}); retry in about {retry_ms / 1000:.1f} s", retry_ms)
+            per_caller = self.config.max_queued_per_caller
+            mine = self._waiting.waiting_for(job.caller)
+            if per_caller and mine >= per_caller:
+                retry_ms = self._retry_after_ms()
+                raise QueueFull(f"caller {job.caller!r} already has {mine} requests waiting for sampler rows "
+                                f"(limit {per_caller} per caller); retry in about {retry_ms / 1000:.1f} s",
                                 retry_ms)
             job.emit(job.progress())  # before the sampler can see the job, so it is always the first event
-            self._waiting.append(job)
+            self._waiting.push(job)
             self._update_queue_metrics()
             self._cv.notify_all()
 
     def cancel(self, job: GenerateJob) -> None:
         """The client is gone (or its deadline passed): its rows are released before the next step."""
-        job.cancelled.set()
-        job.end(RpcFailure("cancelled"))
+        job.fail(Cancelled("cancelled"))
         with self._cv:
             self._cv.notify_all()
 
     def submit_rank(self, prompt: str, images: list[Image.Image]) -> concurrent.futures.Future:
-        """CLIP-score images on the post thread; the future gives one float per image."""
+        """CLIP-score images on the rank thread; the future gives one float per image."""
         future: concurrent.futures.Future = concurrent.futures.Future()
         if self._stopping:
             future.set_exception(Unavailable("the server is shutting down"))
         else:
-            self._post.put(_RankTask(prompt, images, future))
+            self._ranks.put(_RankTask(prompt, images, future))
         return future
 
     def _retry_after_ms(self) -> int:
         """A rough time until a queue place frees: the queued images' share of the sampler's throughput."""
         steps_per_image = -(-self.engine.image_length // self.engine.chunk_steps)
         step_s = self._step_s or 0.5
-        images = sum(j.images_waiting for j in self._waiting) + len(self._slots)
+        images = self._waiting.images_waiting() + len(self._slots)
         seconds = images * steps_per_image * step_s / self.engine.num_slots
         return int(min(60.0, max(0.5, seconds)) * 1000)
 
     def _update_queue_metrics(self) -> None:
         self.metrics.queue_depth.set(len(self._waiting))
-        self.metrics.queued_images.set(sum(j.images_waiting for j in self._waiting))
+        self.metrics.queued_images.set(self._waiting.images_waiting())
 
     # -- the sampler thread ---------------------------------------------------------------------
 
@@ -291,46 +208,32 @@ class Batcher:
         """Wait for work; pick (job, image index) pairs for the free rows. None: stop."""
         with self._cv:
             while True:
-                self._drop_cancelled_waiting()
+                if self._waiting.drop_cancelled():
+                    self._update_queue_metrics()
                 if self._stopping:
-                    for job in self._waiting:
+                    for job in self._waiting.clear():
                         job.end(Unavailable("the server stopped before this request started"))
-                    self._waiting.clear()
                     self._update_queue_metrics()
                     if not self._slots:
                         return None
                     if all(job.cancelled.is_set() for job, _ in self._slots.values()):
                         return []
-                if self._waiting or self._slots:
+                if len(self._waiting) or self._slots:
                     break
                 self._cv.wait()
-            if not self._slots and self._waiting and not self._stopping:
+            if not self._slots and len(self._waiting) and not self._stopping:
                 # An idle engine waits briefly so that a burst of requests shares the first step.
-                deadline = self._waiting[0].accepted_at + self.config.max_wait_ms / 1000
-                while (self._waiting and not self._stopping
-                       and sum(j.images_waiting for j in self._waiting) < self.engine.num_slots
+                deadline = self._waiting.oldest_accepted_at() + self.config.max_wait_ms / 1000
+                while (len(self._waiting) and not self._stopping
+                       and self._waiting.images_waiting() < self.engine.num_slots
                        and (remaining := deadline - time.monotonic()) > 0):
                     self._cv.wait(remaining)
-                    self._drop_cancelled_waiting()
+                    self._waiting.drop_cancelled()
             free = self.engine.num_slots - len(self._slots) + sum(
                 1 for job, _ in self._slots.values() if job.cancelled.is_set())
-            picks: list[tuple[GenerateJob, int]] = []
-            while free > 0 and self._waiting:
-                for job in list(self._waiting):  # one image per waiting request per pass
-                    if free == 0:
-                        break
-                    picks.append((job, job.next_index))
-                    job.next_index += 1
-                    free -= 1
-                    if not job.images_waiting:
-                        self._waiting.remove(job)
+            picks = self._waiting.take(free)
             self._update_queue_metrics()
             return picks
-
-    def _drop_cancelled_waiting(self) -> None:
-        if any(job.cancelled.is_set() for job in self._waiting):
-            self._waiting = collections.deque(j for j in self._waiting if not j.cancelled.is_set())
-            self._update_queue_metrics()
 
     def _release_cancelled(self) -> None:
         gone = [slot for slot, (job, _) in self._slots.items() if job.cancelled.is_set()]
@@ -347,13 +250,12 @@ class Batcher:
             return
         slots = self.engine.free_slots()[:len(picks)]
         try:
-            self.engine.admit(slots, [job.spec.prompt_tokens for job, _ in picks],
+            self.engine.admit(slots, [job.spec.prompt_tokens[index] for job, index in picks],
                               [job.spec.params[index] for job, index in picks])
         except Exception:  # noqa: BLE001
             log.exception("sampler admit failed")
             for job, _ in picks:
-                job.cancelled.set()
-                job.end(RpcFailure(f"internal error while starting request {job.request_id}; see the server log"))
+                job.fail(RpcFailure(f"internal error while starting request {job.request_id}; see the server log"))
             return
         for slot, (job, index) in zip(slots, picks):
             self._slots[slot] = (job, index)
@@ -408,8 +310,7 @@ class Batcher:
             return
         for slot in slots:
             job, _ = self._slots.pop(slot)
-            job.cancelled.set()
-            job.end(kind(f"{why} (request {job.request_id}); see the server log" if kind is RpcFailure else why))
+            job.fail(kind(f"{why} (request {job.request_id}); see the server log" if kind is RpcFailure else why))
         try:
             self.engine.release(slots)
         except Exception:  # noqa: BLE001
@@ -431,11 +332,8 @@ class Batcher:
                 stop = True
                 tasks = [t for t in tasks if t is not _STOP]
             images = [t for t in tasks if isinstance(t, _ImageTask) and not t.job.cancelled.is_set()]
-            for start in range(0, len(images), self.decode_batch):
-                self._finish_images(images[start:start + self.decode_batch])
-            for task in tasks:
-                if isinstance(task, _RankTask):
-                    self._rank(task)
+            for start in range(0, len(images), self.engine.num_slots):
+                self._finish_images(images[start:start + self.engine.num_slots])
             finishing = {(id(t.job), t.index) for t in images}
             latest: dict[tuple[int, int], _PreviewTask] = {}
             for task in tasks:
@@ -452,8 +350,7 @@ class Batcher:
         except Exception:  # noqa: BLE001
             log.exception("decode failed")
             for job in {id(t.job): t.job for t in tasks}.values():
-                job.cancelled.set()
-                job.end(RpcFailure(f"internal error while decoding request {job.request_id}; see the server log"))
+                job.fail(RpcFailure(f"internal error while decoding request {job.request_id}; see the server log"))
             return
         dt = time.monotonic() - t0
         self.metrics.decode_batch_size.observe(len(tasks))
@@ -476,8 +373,7 @@ class Batcher:
                 scores = self.pipeline.rank(job.spec.prompt, [im for _, im in items])
             except Exception:  # noqa: BLE001
                 log.exception("ranking failed", extra={"request_id": job.request_id})
-                job.cancelled.set()
-                job.end(RpcFailure(f"internal error while ranking request {job.request_id}; see the server log"))
+                job.fail(RpcFailure(f"internal error while ranking request {job.request_id}; see the server log"))
                 continue
             job.rank_s += time.monotonic() - t0
             self.metrics.rank_batch_size.observe(len(items))
@@ -492,8 +388,7 @@ class Batcher:
             data, mime = encode_image(image, job.spec.format, job.spec.quality)
         except Exception:  # noqa: BLE001
             log.exception("encoding failed", extra={"request_id": job.request_id})
-            job.cancelled.set()
-            job.end(RpcFailure(f"internal error while encoding request {job.request_id}; see the server log"))
+            job.fail(RpcFailure(f"internal error while encoding request {job.request_id}; see the server log"))
             return
         now = time.monotonic()
         if job.first_image_at is None:
@@ -501,34 +396,13 @@ class Batcher:
             self.metrics.time_to_first_image.observe(now - job.accepted_at)
         if score is not None:
             job.scores[task.index] = score
-        job.emit(pb.GenerateResponse(image=pb.Image(
-            index=task.index, seed=job.spec.params[task.index].seed, data=data, mime_type=mime,
-            width=image.width, height=image.height, score=score or 0.0, has_score=score is not None)))
+        job.emit(ImageEvent(index=task.index, seed=job.spec.params[task.index].seed, data=data, mime_type=mime,
+                            width=image.width, height=image.height, score=score))
         job.sent += 1
         self.metrics.images.inc()
         if job.sent == job.num_images:
-            job.emit(pb.GenerateResponse(done=self._done(job, now)))
+            job.emit(job.done(now))
             job.end()
-
-    def _done(self, job: GenerateJob, now: float) -> pb.Done:
-        ms = lambda a, b: 1000.0 * (b - a) if a is not None and b is not None else 0.0  # noqa: E731
-        ranked = sorted(job.scores, key=lambda i: (-job.scores[i], i)) if job.spec.rank else []
-        return pb.Done(ranked_indices=ranked, queue_ms=ms(job.accepted_at, job.first_step_at),
-                       sampling_ms=ms(job.first_step_at, job.sampled_at), decode_ms=1000.0 * job.decode_s,
-                       rank_ms=1000.0 * job.rank_s, time_to_first_image_ms=ms(job.accepted_at, job.first_image_at),
-                       total_ms=ms(job.accepted_at, now), request_id=job.request_id)
-
-    def _rank(self, task: _RankTask) -> None:
-        if not task.future.set_running_or_notify_cancel():
-            return
-        try:
-            scores = self.pipeline.rank(task.prompt, task.images)
-        except Exception as err:  # noqa: BLE001
-            log.exception("ranking failed")
-            task.future.set_exception(err)
-            return
-        self.metrics.rank_batch_size.observe(len(task.images))
-        task.future.set_result([float(s) for s in scores])
 
     def _preview(self, task: _PreviewTask) -> None:
         job = task.job
@@ -538,6 +412,27 @@ class Batcher:
         except Exception:  # noqa: BLE001 - a failed preview is logged and skipped, the request goes on
             log.exception("preview failed", extra={"request_id": job.request_id})
             return
-        job.emit(pb.GenerateResponse(preview=pb.Preview(
-            index=task.index, tokens_done=task.steps_done, data=data, mime_type=mime,
-            width=image.width, height=image.height)))
+        job.emit(PreviewEvent(index=task.index, tokens_done=task.steps_done, data=data, mime_type=mime,
+                              width=image.width, height=image.height))
+
+    # -- the rank thread ------------------------------------------------------------------------
+
+    def _rank_loop(self) -> None:
+        while (task := self._ranks.get()) is not _STOP:
+            if not task.future.set_running_or_notify_cancel():
+                continue
+            try:
+                scores = self.pipeline.rank(task.prompt, task.images)
+            except Exception as err:  # noqa: BLE001
+                log.exception("ranking failed")
+                task.future.set_exception(err)
+                continue
+            self.metrics.rank_batch_size.observe(len(task.images))
+            task.future.set_result([float(s) for s in scores])
+        while True:  # stopping: nothing queued behind _STOP is left waiting
+            try:
+                task = self._ranks.get_nowait()
+            except queue.Empty:
+                break
+            if task is not _STOP and task.future.set_running_or_notify_cancel():
+                task.future.set_exception(Unavailable("the server is shutting down"))

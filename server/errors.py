@@ -23,6 +23,14 @@ class InvalidArgument(RpcFailure):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unauthenticated(RpcFailure):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Cancelled(RpcFailure):
+    code = grpc.StatusCode.CANCELLED
+
+
 class Unavailable(RpcFailure):
     code = grpc.StatusCode.UNAVAILABLE
 

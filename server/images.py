@@ -31,11 +31,14 @@ def encode_image(image: Image.Image, fmt: int, quality: int = 0) -> tuple[bytes,
     return buf.getvalue(), mime
 
 
-def load_upload(data: bytes, index: int, max_bytes: int, max_pixels: int) -> Image.Image:
+def load_upload(data: bytes, index: int, max_bytes: int, max_pixels: int, max_aspect_ratio: float) -> Image.Image:
     """An uploaded image (Rank) as RGB, refusing what is not an image, too large, or a decompression bomb.
 
     The pixel count is checked from the header before any pixel data is decompressed, so a small
-    file that claims a huge canvas costs nothing.
+    file that claims a huge canvas costs nothing. An image longer than `max_aspect_ratio` times
+    its width (or the reverse) keeps only its centre at that ratio: the ranker scales the short side
+    to its input size and looks at the centre square, so a 1 x 16M strip would otherwise be scaled
+    to a 64 x 1G one first.
     """
     if not data:
         raise InvalidArgument(f"image {index} is empty; send the encoded file's bytes (PNG, JPEG, WebP, ...)")
@@ -49,7 +52,7 @@ def load_upload(data: bytes, index: int, max_bytes: int, max_pixels: int) -> Ima
                 f"image {index} is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels "
                 f"(width * height): downscale it first")
         image.load()
-        return image.convert("RGB")
+        return centre_crop_to_ratio(image.convert("RGB"), max_aspect_ratio)
     except InvalidArgument:
         raise
     except Image.DecompressionBombError:
@@ -61,3 +64,17 @@ def load_upload(data: bytes, index: int, max_bytes: int, max_pixels: int) -> Ima
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise InvalidArgument(f"image {index} is not a decodable image ({err}); "
                               f"send complete PNG, JPEG, WebP, GIF or BMP file bytes") from None
+
+
+def centre_crop_to_ratio(image: Image.Image, max_ratio: float) -> Image.Image:
+    """The centre of `image`, its long side cut to at most `max_ratio` times its short side."""
+    width, height = image.size
+    short = min(width, height)
+    longest = max(short, int(short * max_ratio))
+    if width > longest:
+        left = (width - longest) // 2
+        return image.crop((left, 0, left + longest, height))
+    if height > longest:
+        top = (height - longest) // 2
+        return image.crop((0, top, width, top + longest))
+    return image

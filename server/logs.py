@@ -38,7 +38,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(fmt: str = "json", level: str = "info") -> None:
-    """Log to stderr as JSON lines ("json") or plain text ("text")."""
+    """Log to stderr as JSON lines ("json") or plain text ("text"), libraries' warnings included."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -47,3 +47,11 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # warnings.warn (Pillow's, say) and transformers' own stderr handler would print plain lines.
+    logging.captureWarnings(True)
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        return
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()

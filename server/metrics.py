@@ -10,10 +10,11 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 class Metrics:
     def __init__(self, num_slots: int):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("palette_requests", "Finished RPCs by method and status code",
-                                ["method", "code"], registry=r)
+        self.requests = Counter("palette_requests", "Finished RPCs by method, status code and caller",
+                                ["method", "code", "caller"], registry=r)
         self.latency = Histogram("palette_request_latency_seconds", "RPC wall time, accepted to finished",
-                                 ["method"], buckets=LATENCY_BUCKETS, registry=r)
+                                 ["method", "caller"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inflight = Gauge("palette_inflight_requests", "RPCs started and not yet finished", registry=r)
         self.time_to_first_image = Histogram("palette_time_to_first_image_seconds",
                                              "Generate: accepted to first image sent", buckets=LATENCY_BUCKETS,
                                              registry=r)

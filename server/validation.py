@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
-import threading
 
 from palette.stages.pipeline import Pipeline, PromptError, PromptTokens, SamplingParams
 from palette.v1 import palette_pb2 as pb
@@ -20,7 +18,7 @@ DEFAULT_TOP_P = 1.0
 @dataclasses.dataclass(frozen=True)
 class GenerateSpec:
     prompt: str
-    prompt_tokens: PromptTokens
+    prompt_tokens: tuple[PromptTokens, ...]  # one per image (a `<person>` draw follows the image's seed)
     params: tuple[SamplingParams, ...]  # one per image, index order
     rank: bool
     format: int
@@ -37,37 +35,29 @@ def random_seed() -> int:
     return secrets.randbelow(SEED_SPACE) + 1
 
 
-# RPC threads validate prompts concurrently; a Hugging Face fast tokenizer changes its padding and
-# truncation settings per call, so concurrent calls can get each other's padding. One at a time.
-_encode_lock = threading.Lock()
-
-
-def check_prompt(pipeline: Pipeline, prompt: str) -> PromptTokens:
+def check_prompt(pipeline: Pipeline, prompt: str, seeds: list[int] | None = None) -> list[PromptTokens]:
+    """The prompt's tokens (one per seed), or INVALID_ARGUMENT saying what is wrong with it."""
     try:
-        with _encode_lock:
-            return pipeline.encode_prompt(prompt)
+        return pipeline.encode_prompt(prompt, seeds or [0])
     except PromptError as err:
         raise InvalidArgument(str(err)) from None
 
 
 def parse_generate(request: pb.GenerateRequest, pipeline: Pipeline) -> GenerateSpec:
+    """The request as sampler work, or INVALID_ARGUMENT listing every problem with it."""
     limits = pipeline.limits
     problems: list[str] = []
 
     num_images = request.num_images if request.HasField("num_images") else 1
     if not 1 <= num_images <= limits.max_images_per_request:
         problems.append(f"num_images must be 1..{limits.max_images_per_request}, got {num_images}")
-    if not 0 <= request.top_k <= pipeline.sampler.max_top_k:
-        problems.append(f"top_k must be 0..{pipeline.sampler.max_top_k} (0 = the model default), got {request.top_k}")
-    top_p = request.top_p if request.HasField("top_p") else DEFAULT_TOP_P
-    if not 0.0 < top_p <= 1.0:  # also refuses NaN
-        problems.append(f"top_p must be in (0, 1], got {top_p:g}")
-    temperature = request.temperature if request.HasField("temperature") else pipeline.default_temperature
-    if not (temperature > 0.0 and math.isfinite(temperature)):
-        problems.append(f"temperature must be a finite number > 0, got {temperature:g}")
-    scale = request.condition_scale if request.HasField("condition_scale") else pipeline.default_condition_scale
-    if not math.isfinite(scale):
-        problems.append(f"condition_scale must be a finite number, got {scale:g}")
+    settings = SamplingParams(
+        seed=1, top_k=request.top_k,
+        top_p=request.top_p if request.HasField("top_p") else DEFAULT_TOP_P,
+        temperature=request.temperature if request.HasField("temperature") else pipeline.default_temperature,
+        condition_scale=(request.condition_scale if request.HasField("condition_scale")
+                         else pipeline.default_condition_scale))
+    problems += settings.problems(pipeline.sampler.max_top_k)
     if request.format not in FORMATS:
         problems.append(f"format must be IMAGE_FORMAT_PNG (1), IMAGE_FORMAT_JPEG (2) or IMAGE_FORMAT_WEBP (3) "
                         f"(0 = PNG), got {request.format}")
@@ -81,9 +71,8 @@ def parse_generate(request: pb.GenerateRequest, pipeline: Pipeline) -> GenerateS
     if problems:
         raise InvalidArgument("; ".join(problems))
 
-    prompt_tokens = check_prompt(pipeline, request.prompt)
     seeds = image_seeds(request.seed or random_seed(), num_images)
-    params = tuple(SamplingParams(seed=s, top_k=request.top_k, top_p=float(top_p), temperature=float(temperature),
-                                  condition_scale=float(scale)) for s in seeds)
-    return GenerateSpec(prompt=request.prompt, prompt_tokens=prompt_tokens, params=params, rank=request.rank,
+    prompt_tokens = check_prompt(pipeline, request.prompt, seeds)
+    params = tuple(dataclasses.replace(settings, seed=s) for s in seeds)
+    return GenerateSpec(prompt=request.prompt, prompt_tokens=tuple(prompt_tokens), params=params, rank=request.rank,
                         format=request.format, quality=request.quality, preview_every=request.preview_every)
