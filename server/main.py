@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from typing import Any
 
@@ -14,15 +13,43 @@ from .service import PaletteServer, ServerConfig
 log = logging.getLogger("palette.server")
 
 
-def run(config_path: str | None, server_config: ServerConfig, log_format: str = "json",
-        **pipeline_overrides: Any) -> int:
-    logs.configure(log_format)
+class StartupError(Exception):
+    """The server cannot start; the message is the one line the user sees."""
+
+
+def load_pipeline(config_path: str | None, **pipeline_overrides: Any):
+    """The pipeline, or StartupError naming what is wrong with the config or a checkpoint."""
+    from palette.stages.base import StageError
+    from palette.stages.checkpoint import CheckpointError
     from palette.stages.pipeline import Pipeline
 
     overrides = {k: v for k, v in pipeline_overrides.items() if v is not None}
     log.info("loading pipeline", extra={"config": config_path or "embedded default", **overrides})
-    pipeline = Pipeline.load(config_path, **overrides)
-    server = PaletteServer(pipeline, server_config)
+    try:
+        return Pipeline.load(config_path, **overrides)
+    except (StageError, CheckpointError, OSError, ValueError, KeyError) as err:
+        raise StartupError(f"cannot load the pipeline: {err}") from None
+
+
+def build_server(config_path: str | None, server_config: ServerConfig, **pipeline_overrides: Any) -> PaletteServer:
+    """Settings checked before anything heavy loads, then the pipeline, then the server."""
+    from .auth import TokenFileError
+    from .service import ConfigError
+    from .tls import TLSConfigError
+
+    try:
+        server_config.check()
+        server_config.authenticator()
+        server_config.certificates()
+    except (ConfigError, TokenFileError, TLSConfigError) as err:
+        raise StartupError(str(err)) from None
+    return PaletteServer(load_pipeline(config_path, **pipeline_overrides), server_config)
+
+
+def run(config_path: str | None, server_config: ServerConfig, log_format: str = "json",
+        **pipeline_overrides: Any) -> int:
+    logs.configure(log_format)
+    server = build_server(config_path, server_config, **pipeline_overrides)
     stop = threading.Event()
     signals: list[str] = []
 
@@ -35,9 +62,13 @@ def run(config_path: str | None, server_config: ServerConfig, log_format: str = 
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
+    try:
+        server.start()
+    except OSError as err:
+        raise StartupError(str(err)) from None
     metrics = f", metrics on http://{server_config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
-    print(f"palette: serving on {server.address}{metrics} (Ctrl-C or SIGTERM to stop)", file=sys.stderr, flush=True)
+    scheme = "TLS" if server.certificates else "plaintext"
+    log.info(f"palette: serving on {server.address} ({scheme}){metrics}; Ctrl-C or SIGTERM to stop")
     while not stop.wait(1.0):
         pass
     log.info("received %s: draining for up to %.0f s", signals[0], server_config.grace_s)

@@ -1,15 +1,20 @@
-"""The gRPC service: validate, hand work to the batcher, stream what comes back. No model math here."""
+"""The gRPC transport: the Palette service, health and reflection on one port, over PaletteCore.
+
+This adapter authenticates the call, decodes its messages (a message that does not decode is the
+client's fault: INVALID_ARGUMENT, never INTERNAL), hands the work to the core and writes what comes
+back, turning RpcFailures into status codes and trailing metadata. No model math and no RPC logic
+of its own: the Connect/HTTP app and the Ray deployment sit on the same core.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import ipaddress
 import logging
-import queue
 import threading
 import time
-from importlib import metadata
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,264 +22,298 @@ from grpc_reflection.v1alpha import reflection
 
 from palette.stages.pipeline import Pipeline
 from palette.v1 import palette_pb2 as pb
-from palette.v1 import palette_pb2_grpc as pb_grpc
 
-from .batcher import Batcher, BatcherConfig, End, GenerateJob
-from .errors import InvalidArgument, RpcFailure, Unavailable
-from .images import load_upload
+from .auth import Authenticator, Caller
+from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore
+from .errors import InvalidArgument, RpcFailure
 from .logs import request_id_from
 from .metrics import Metrics
-from .validation import check_prompt, parse_generate
+from .tls import CertificateFiles
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Palette"].full_name
+HEALTH_PREFIX = "/grpc.health.v1."
+UNAUTHENTICATED_CALLER = Caller("unauthenticated")
+
+
+class ConfigError(ValueError):
+    """The server cannot start with these settings; the message says which flag to change."""
 
 
 @dataclasses.dataclass
-class ServerConfig:
+class ServerConfig(CoreConfig):
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (PaletteServer.port says which)
     metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
-    max_queued_requests: int = 64
-    max_wait_ms: float = 10.0
-    rank_batch: int = 8
-    max_rank_images: int = 1024
-    max_rank_image_bytes: int = 16 * 1024 * 1024
-    max_rank_image_pixels: int = 4096 * 4096
     grace_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     warmup: bool = True  # compile the common shapes before listening
     max_workers: int = 0  # RPC threads; 0 = enough for a full queue plus the running requests
+    # Transport security and identities.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # require client certificates signed by this CA (mTLS)
+    auth_tokens: str | None = None  # token file: name:token[:weight] per line
+    insecure: bool = False  # allow plaintext on a non-loopback address (behind a mesh that does TLS)
+    # Abuse limits of the transport.
+    max_message_bytes: int = 33 * 1024 * 1024  # largest message a client may send (RankImages holds all)
+    max_streams_per_connection: int = 64  # concurrent calls one HTTP/2 connection may open
+    keepalive_s: float = 60.0  # ping idle clients this often, drop them when they stop answering
+    min_client_ping_interval_s: float = 10.0  # clients pinging more often than this get disconnected
+
+    def check(self) -> None:
+        """ConfigError when these settings would be unsafe or cannot work."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together: give both, or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key: client certificates are checked "
+                              "inside TLS")
+        if not self.tls_cert and not self.insecure and not is_loopback(self.host):
+            raise ConfigError(f"refusing to serve plaintext on {self.host}, which is not a loopback address: "
+                              f"give --tls-cert and --tls-key (and --auth-tokens or --tls-client-ca to know "
+                              f"who calls), or pass --insecure if a proxy or mesh in front of it does TLS")
+        if self.max_message_bytes < self.max_rank_image_bytes + 1024:
+            raise ConfigError(f"--max-message-bytes ({self.max_message_bytes}) must exceed the largest Rank image "
+                              f"({self.max_rank_image_bytes} bytes) plus room for the message around it")
+        if self.max_queued_per_caller < 0 or self.max_queued_requests < 1:
+            raise ConfigError("--max-queue must be >= 1 and --max-queue-per-caller >= 0")
+
+    def authenticator(self) -> Authenticator:
+        return Authenticator(self.auth_tokens, client_certificates=bool(self.tls_client_ca))
+
+    def certificates(self) -> CertificateFiles | None:
+        return CertificateFiles(self.tls_cert, self.tls_key, self.tls_client_ca) if self.tls_cert else None
 
 
-class _Call:
-    """Per-RPC bookkeeping: request id, the final status for metrics and the log."""
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
-    def __init__(self, method: str, context: grpc.ServicerContext, metrics: Metrics, inflight: "_Counter"):
-        self.method = method
-        self.inflight = inflight
-        inflight.add(1)
+
+def certificate_subject(context: grpc.ServicerContext) -> str | None:
+    """The verified client certificate's subject (mTLS), or its common name on older gRPC builds."""
+    auth = context.auth_context() or {}
+    for key in ("x509_subject", "x509_common_name"):
+        values = auth.get(key)
+        if values:
+            value = values[0]
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return None
+
+
+def caller_of(authenticator: Authenticator, context: grpc.ServicerContext) -> Caller:
+    """Who is calling, or Unauthenticated."""
+    values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
+    subject = certificate_subject(context) if authenticator.client_certificates else None
+    return authenticator.authenticate(values, subject)
+
+
+class _Undecodable:
+    """What our deserializer returns for bytes that are not a valid message of the expected type."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.failure = InvalidArgument(f"the {type_name} message could not be decoded ({error}); "
+                                       f"check that strings are valid UTF-8 and the body is complete")
+
+
+def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as err:  # noqa: BLE001 - DecodeError and friends: the client sent bad bytes
+            return _Undecodable(message_type.DESCRIPTOR.name, err)
+
+    return parse
+
+
+class _GrpcCall:
+    """A gRPC call's bracket around a CallRecord: authenticates, echoes x-request-id, and counts the
+    call as finished when gRPC says it ended, however it ended."""
+
+    def __init__(self, servicer: "PaletteServicer", method: str, context: grpc.ServicerContext):
         self.context = context
-        self.metrics = metrics
-        self.start = time.monotonic()
-        self.code: grpc.StatusCode | None = None
-        self.closed = threading.Event()  # the handler has returned
-        self.request_id = request_id_from(context.invocation_metadata())
-        context.send_initial_metadata((("x-request-id", self.request_id),))
+        request_id = request_id_from(context.invocation_metadata())
+        failure = None
+        try:
+            caller = caller_of(servicer.authenticator, context)
+        except RpcFailure as err:
+            caller, failure = UNAUTHENTICATED_CALLER, err
+        self.record: CallRecord = servicer.core.begin(method, request_id, caller)
+        # Registered before anything can raise, so the call is counted as finished whatever happens.
         if not context.add_callback(self._terminated):
             self._terminated()
+        try:
+            context.send_initial_metadata((("x-request-id", request_id),))
+        except Exception:  # noqa: BLE001 - the client is already gone; the callback ends the record
+            pass
+        if failure is not None:
+            self.fail(failure)
+            raise _Refused
 
     def _terminated(self) -> None:
-        self.inflight.add(-1)
-        code = self.code
-        if code is None:  # the RPC ended before the handler decided: the client left or the deadline passed
-            remaining = self.context.time_remaining()
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-                else grpc.StatusCode.CANCELLED
-        seconds = time.monotonic() - self.start
-        self.metrics.requests.labels(self.method, code.name).inc()
-        self.metrics.latency.labels(self.method).observe(seconds)
-        log.info("%s finished: %s", self.method, code.name,
-                 extra={"request_id": self.request_id, "method": self.method, "code": code.name,
-                        "ms": round(1000 * seconds, 1)})
+        remaining = self.context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        self.record.finish(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
 
     def ok(self) -> None:
-        self.code = grpc.StatusCode.OK
+        self.record.ok()
 
     def fail(self, failure: RpcFailure) -> None:
-        if self.code is None and not self.context.is_active():
-            return  # already over (cancelled / deadline); nothing to tell
-        self.code = failure.code
+        if self.record.code is None and not self.context.is_active():
+            return  # already over (cancelled / deadline): the callback records how
+        self.record.fail(failure)
         if failure.trailers:
             self.context.set_trailing_metadata(failure.trailers)
         self.context.set_code(failure.code)
         self.context.set_details(failure.message)
-        log.info("%s refused: %s", self.method, failure.message,
-                 extra={"request_id": self.request_id, "code": failure.code.name})
 
     def internal(self) -> None:
-        """An unexpected exception: logged with its traceback here, never sent to the client."""
-        if not self.context.is_active():
-            return
-        log.exception("%s failed", self.method, extra={"request_id": self.request_id})
-        self.fail(RpcFailure(f"internal error (request id {self.request_id}); the server log has the details"))
+        if self.context.is_active():
+            self.fail(self.record.internal())
 
 
-class _Counter:
-    def __init__(self):
-        self._value = 0
-        self._lock = threading.Lock()
-
-    def add(self, delta: int) -> None:
-        with self._lock:
-            self._value += delta
-
-    @property
-    def value(self) -> int:
-        return self._value
+class _Refused(Exception):
+    """Authentication failed; the call's status is already set."""
 
 
-class PaletteServicer(pb_grpc.PaletteServicer):
-    def __init__(self, pipeline: Pipeline, batcher: Batcher, config: ServerConfig, metrics: Metrics):
-        self.pipeline = pipeline
-        self.batcher = batcher
-        self.config = config
-        self.metrics = metrics
-        self.inflight = _Counter()  # RPCs started and not yet ended
+class PaletteServicer:
+    """palette.v1.Palette over gRPC, as thin as it can be: the core does the work."""
 
-    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
-        call = _Call("Generate", context, self.metrics, self.inflight)
+    def __init__(self, core: PaletteCore, authenticator: Authenticator):
+        self.core = core
+        self.authenticator = authenticator
+
+    def _call(self, method: str, context: grpc.ServicerContext) -> _GrpcCall | None:
         try:
-            spec = parse_generate(request, self.pipeline)
-            job = GenerateJob(call.request_id, spec, self.pipeline.limits.image_length)
-            self.batcher.submit(job)
+            return _GrpcCall(self, method, context)
+        except _Refused:
+            return None
+
+    def Generate(self, request: Any, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        call = self._call("Generate", context)
+        if call is None:
+            return
+        try:
+            if isinstance(request, _Undecodable):
+                raise request.failure
+            job = self.core.start_generate(request, call.record)
         except RpcFailure as failure:
             call.fail(failure)
             return
         except Exception:  # noqa: BLE001
             call.internal()
             return
-        if not context.add_callback(lambda: self.batcher.cancel(job)):
-            self.batcher.cancel(job)
-        log.info("Generate accepted", extra={
-            "request_id": call.request_id, "num_images": job.num_images, "rank": spec.rank,
-            "seeds": [p.seed for p in spec.params][:4], "prompt_chars": len(spec.prompt)})
-        while True:
-            item = job.events.get()
-            if isinstance(item, End):
-                if item.failure is None:
-                    call.ok()
-                elif context.is_active():
-                    call.fail(item.failure)
-                return
-            yield item
-
-    def Rank(self, request_iterator: Iterator[pb.RankRequest],
-             context: grpc.ServicerContext) -> Iterator[pb.RankResponse]:
-        call = _Call("Rank", context, self.metrics, self.inflight)
-        batches: queue.Queue[Any] = queue.Queue()
-        scores: dict[int, float] = {}
+        if not context.add_callback(lambda: self.core.cancel(job)):
+            self.core.cancel(job)
         try:
-            if not self.batcher.accepting:
-                raise Unavailable("the server is shutting down; retry in a moment or on another replica")
-            if not self.pipeline.has_ranker:
-                raise RpcFailure("this server's pipeline has no ranker stage, so it cannot rank",
-                                 grpc.StatusCode.FAILED_PRECONDITION)
+            yield from self.core.generate_responses(job)
+            call.ok()
+        except RpcFailure as failure:
+            call.fail(failure)
+
+    def Rank(self, request_iterator: Iterator[Any], context: grpc.ServicerContext) -> Iterator[pb.RankResponse]:
+        call = self._call("Rank", context)
+        if call is None:
+            return
+        session = None
+        try:
             first = next(request_iterator, None)
+            if isinstance(first, _Undecodable):
+                raise first.failure
             if first is None or first.WhichOneof("item") != "prompt":
                 raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
-            prompt = first.prompt
-            check_prompt(self.pipeline, prompt)
+            session = self.core.start_rank(first.prompt, call.record)
             # A reader thread takes images in while this one streams scores out, so scores flow
             # back as soon as each batch is scored, even while the client is still sending.
-            reader = threading.Thread(target=self._read_images, args=(prompt, request_iterator, batches, call),
-                                      name=f"palette-rank-{call.request_id}", daemon=True)
-            reader.start()
-            while True:
-                item = batches.get()
-                if isinstance(item, RpcFailure):
-                    raise item
-                if item is None:
-                    break
-                yield from self._scores(item, scores, context)
-            ranked = sorted(scores, key=lambda i: (-scores[i], i))
+            threading.Thread(target=session.read_all, args=(_rank_images(request_iterator),),
+                             name=f"palette-rank-{call.record.request_id}", daemon=True).start()
+            yield from session.responses(context.is_active)
             call.ok()
-            yield pb.RankResponse(done=pb.RankDone(ranked_indices=ranked, request_id=call.request_id,
-                                                   total_ms=1000 * (time.monotonic() - call.start)))
         except RpcFailure as failure:
             call.fail(failure)
         except Exception:  # noqa: BLE001
             call.internal()
         finally:
-            call.closed.set()
+            if session is not None:
+                session.closed.set()
 
-    def _read_images(self, prompt: str, request_iterator: Iterator[pb.RankRequest], out: queue.Queue,
-                     call: "_Call") -> None:
-        """Check each uploaded image and submit full batches; ends with None or an RpcFailure."""
-        cfg = self.config
-        batch: list[Any] = []
-        count = 0
+    def RankImages(self, request: Any, context: grpc.ServicerContext) -> pb.RankImagesResponse:
+        return self._unary("RankImages", request, context, self.core.rank_images, pb.RankImagesResponse)
+
+    def GetModelInfo(self, request: Any, context: grpc.ServicerContext) -> pb.ModelInfo:
+        return self._unary("GetModelInfo", request, context, lambda _request, _call: self.core.model_info(),
+                           pb.ModelInfo)
+
+    def _unary(self, method: str, request: Any, context: grpc.ServicerContext, work: Callable[[Any, CallRecord], Any],
+               empty: Any) -> Any:
+        call = self._call(method, context)
+        if call is None:
+            return empty()
         try:
-            for position, message in enumerate(request_iterator, start=1):
-                if call.closed.is_set():
-                    return
-                if message.WhichOneof("item") != "image":
-                    raise InvalidArgument(f"message {position} carries no image: only the first message carries "
-                                          f"the prompt, every later one exactly one image")
-                if count >= cfg.max_rank_images:
-                    raise InvalidArgument(f"a Rank call takes at most {cfg.max_rank_images} images; "
-                                          f"split them over several calls")
-                batch.append(load_upload(message.image, count, cfg.max_rank_image_bytes, cfg.max_rank_image_pixels))
-                count += 1
-                if len(batch) == cfg.rank_batch:
-                    out.put((count - len(batch), self.batcher.submit_rank(prompt, batch)))
-                    batch = []
-            if count == 0:
-                raise InvalidArgument("no images to rank: after the prompt, send one image per message")
-            if batch:
-                out.put((count - len(batch), self.batcher.submit_rank(prompt, batch)))
-            out.put(None)
+            if isinstance(request, _Undecodable):
+                raise request.failure
+            reply = work(request, call.record)
         except RpcFailure as failure:
-            out.put(failure)
-        except Exception:  # noqa: BLE001 - the client went away mid-stream, or a fault (logged by the handler)
-            if call.context.is_active():
-                log.exception("reading Rank images failed", extra={"request_id": call.request_id})
-                out.put(RpcFailure(f"internal error (request id {call.request_id}); the server log has the details"))
-            else:
-                out.put(RpcFailure("cancelled", grpc.StatusCode.CANCELLED))
-
-    def _scores(self, item: tuple[int, concurrent.futures.Future], scores: dict[int, float],
-                context: grpc.ServicerContext) -> Iterator[pb.RankResponse]:
-        start, future = item
-        while True:
-            try:
-                values = future.result(timeout=0.25)
-                break
-            except concurrent.futures.TimeoutError:
-                if not context.is_active():
-                    future.cancel()
-                    raise RpcFailure("cancelled", grpc.StatusCode.CANCELLED) from None
-        for offset, value in enumerate(values):
-            scores[start + offset] = value
-            yield pb.RankResponse(score=pb.Score(index=start + offset, score=value))
-
-    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
-        call = _Call("GetModelInfo", context, self.metrics, self.inflight)
-        try:
-            info = self.pipeline.info()
-            limits = self.pipeline.limits
-            stages = [pb.StageInfo(name=str(s.get("name", "")), kind=str(s.get("kind", "")), type=str(s.get("type", "")),
-                                   checkpoint=str(s.get("checkpoint") or ""), dtype=str(s.get("dtype") or ""),
-                                   consumes=[str(x) for x in s.get("consumes", ())],
-                                   produces=[str(x) for x in s.get("produces", ())])
-                      for s in info.get("stages", ())]
-            height, width = limits.image_size
-            reply = pb.ModelInfo(
-                stages=stages, devices=[str(d) for d in info.get("devices", ())], has_ranker=self.pipeline.has_ranker,
-                config_path=str(info.get("config") or ""), server_version=_version(),
-                limits=pb.Limits(
-                    max_prompt_chars=limits.max_prompt_chars, max_prompt_tokens=limits.max_prompt_tokens,
-                    max_images_per_request=limits.max_images_per_request, num_slots=limits.num_slots,
-                    image_length=limits.image_length, chunk_steps=self.pipeline.sampler.chunk_steps,
-                    image_width=width, image_height=height,
-                    max_queued_requests=self.config.max_queued_requests, max_rank_images=self.config.max_rank_images,
-                    max_rank_image_bytes=self.config.max_rank_image_bytes,
-                    max_rank_image_pixels=self.config.max_rank_image_pixels,
-                    max_top_k=self.pipeline.sampler.max_top_k,
-                    default_condition_scale=self.pipeline.default_condition_scale,
-                    default_temperature=self.pipeline.default_temperature))
+            call.fail(failure)
+            return empty()
         except Exception:  # noqa: BLE001
             call.internal()
-            return pb.ModelInfo()
+            return empty()
         call.ok()
         return reply
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's handlers, each with a deserializer that reports bad bytes instead of raising."""
+        serialize = lambda message: message.SerializeToString()  # noqa: E731
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Generate": grpc.unary_stream_rpc_method_handler(
+                self.Generate, _deserializer(pb.GenerateRequest), serialize),
+            "Rank": grpc.stream_stream_rpc_method_handler(self.Rank, _deserializer(pb.RankRequest), serialize),
+            "RankImages": grpc.unary_unary_rpc_method_handler(
+                self.RankImages, _deserializer(pb.RankImagesRequest), serialize),
+            "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+                self.GetModelInfo, _deserializer(pb.GetModelInfoRequest), serialize),
+        })
 
-def _version() -> str:
-    try:
-        return metadata.version("palette")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+
+def _rank_images(request_iterator: Iterator[Any]) -> Iterator[bytes]:
+    for position, message in enumerate(request_iterator, start=1):
+        if isinstance(message, _Undecodable):
+            raise message.failure
+        if message.WhichOneof("item") != "image":
+            raise InvalidArgument(f"message {position} carries no image: only the first message carries the prompt, "
+                                  f"every later one exactly one image")
+        yield message.image
+
+
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Reflection (and anything else on the port but health) needs what the Palette service needs.
+    The Palette handlers authenticate themselves, where the identity is used; health stays open for
+    load balancers."""
+
+    def __init__(self, authenticator: Authenticator):
+        self.authenticator = authenticator
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if (handler is None or not self.authenticator.required or details.method.startswith(HEALTH_PREFIX)
+                or details.method.startswith(f"/{SERVICE_NAME}/")):
+            return handler
+
+        def guard(behavior: Callable) -> Callable:
+            def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    caller_of(self.authenticator, context)
+                except RpcFailure as failure:
+                    context.abort(failure.code, failure.message)
+                return behavior(request, context)
+            return guarded
+
+        kinds = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+        return handler._replace(**{k: guard(getattr(handler, k)) for k in kinds if getattr(handler, k)})
 
 
 class PaletteServer:
@@ -283,21 +322,21 @@ class PaletteServer:
     def __init__(self, pipeline: Pipeline, config: ServerConfig | None = None):
         self.pipeline = pipeline
         self.config = config = config or ServerConfig()
+        config.check()
+        self.authenticator = config.authenticator()
+        self.certificates = config.certificates()
         self.metrics = Metrics(pipeline.sampler.num_slots)
-        self.batcher = Batcher(pipeline, BatcherConfig(max_queued_requests=config.max_queued_requests,
-                                                       max_wait_ms=config.max_wait_ms, rank_batch=config.rank_batch),
-                               self.metrics)
+        self.core = PaletteCore(pipeline, config, self.metrics)
         workers = config.max_workers or config.max_queued_requests + 2 * pipeline.sampler.num_slots + 16
         self._grpc = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="palette-rpc"),
+            interceptors=[_AuthInterceptor(self.authenticator)],
             # Beyond this many concurrent calls gRPC itself answers RESOURCE_EXHAUSTED instead of queueing
             # them behind busy threads (our own queue limit normally refuses work well before that).
             maximum_concurrent_rpcs=workers,
-            options=[("grpc.so_reuseport", 0),
-                     ("grpc.max_receive_message_length", config.max_rank_image_bytes + 64 * 1024),
-                     ("grpc.max_send_message_length", -1)])
-        self.servicer = PaletteServicer(pipeline, self.batcher, config, self.metrics)
-        pb_grpc.add_PaletteServicer_to_server(self.servicer, self._grpc)
+            options=grpc_server_options(config))
+        self.servicer = PaletteServicer(self.core, self.authenticator)
+        self._grpc.add_generic_rpc_handlers((self.servicer.handler(),))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._grpc)
         reflection.enable_server_reflection(
@@ -308,27 +347,39 @@ class PaletteServer:
         self._stopped = False
 
     @property
+    def batcher(self):
+        return self.core.batcher
+
+    @property
     def address(self) -> str:
         return f"{self.config.host}:{self.port}"
 
     def start(self) -> "PaletteServer":
         # Bind first, so a port in use is reported at once rather than after the warm-up.
+        address = f"{self.config.host}:{self.config.port}"
         try:
-            self.port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.port}")
+            if self.certificates is not None:
+                self.port = self._grpc.add_secure_port(address, self.certificates.grpc_credentials())
+            else:
+                self.port = self._grpc.add_insecure_port(address)
         except RuntimeError as err:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port} (is the port in use?): {err}") \
-                from None
+            raise OSError(f"cannot listen on {address} (is the port in use?): {err}") from None
         if not self.port:
-            raise OSError(f"cannot listen on {self.config.host}:{self.config.port} (is the port in use?)")
+            raise OSError(f"cannot listen on {address} (is the port in use?)")
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.warmup:
-            self.batcher.warmup()
-        self.batcher.start()
+            started = time.monotonic()
+            self.pipeline.warmup(self.config.rank_batch)
+            log.info("warm-up done", extra={"seconds": round(time.monotonic() - started, 2)})
+        self.core.start()
         self._grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"address": self.address, "metrics_port": self.metrics_port})
+        log.info("serving", extra={"address": self.address, "metrics_port": self.metrics_port,
+                                   "tls": self.certificates is not None,
+                                   "client_certificates": bool(self.config.tls_client_ca),
+                                   "tokens": self.authenticator.token_file is not None})
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -338,15 +389,14 @@ class PaletteServer:
         self._stopped = True
         grace = self.config.grace_s if grace is None else grace
         deadline = time.monotonic() + grace
-        log.info("draining", extra={"grace_s": grace, "in_flight": self.servicer.inflight.value})
+        log.info("draining", extra={"grace_s": grace, "in_flight": self.core.inflight})
         # New work is refused with UNAVAILABLE by our handlers (a clear, retryable answer) while the
         # port stays open for the in-flight streams; the port closes once they are done or the grace ends.
-        self.batcher.stop_accepting()
+        self.core.stop_accepting()
         self.health.enter_graceful_shutdown()
-        while self.servicer.inflight.value > 0 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        self.core.wait_idle(grace)
         self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
-        self.batcher.stop(timeout=10)
+        self.core.stop()
         self.metrics.close()
         log.info("stopped")
 
@@ -358,3 +408,17 @@ class PaletteServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.stop(grace=0)
+
+
+def grpc_server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+        # Find clients that vanished without closing, and refuse clients that ping to keep a server busy.
+        ("grpc.keepalive_time_ms", int(config.keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", int(config.min_client_ping_interval_s * 1000)),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
