@@ -10,7 +10,7 @@ import grpc.aio
 from palette.v1 import palette_pb2 as pb
 from palette.v1 import palette_pb2_grpc as pb_grpc
 
-from .events import (Done, GenerateEvent, GeneratedImage, ImageInput, PaletteError, RankEvent, channel_options,
+from .events import (Done, GenerateEvent, GeneratedImage, ImageInput, PaletteError, RankEvent, Security,
                      generate_event, generate_request, image_bytes, metadata_for, rank_event)
 from .sync import DEFAULT_TARGET, GenerateResult
 
@@ -18,10 +18,13 @@ from .sync import DEFAULT_TARGET, GenerateResult
 class AsyncPaletteClient:
     """Like PaletteClient, for asyncio. Use `async with AsyncPaletteClient(...) as client:`."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, tls: bool = False,
+                 tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+                 token: str | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(target, options=channel_options())
+        self.security = Security.of(tls, tls_ca, tls_cert, tls_key, token)
+        self._channel = self.security.channel(target, aio=True)
         self._stub = pb_grpc.PaletteStub(self._channel)
 
     async def close(self) -> None:
@@ -38,7 +41,7 @@ class AsyncPaletteClient:
         """Progress, Preview, GeneratedImage and Done events as they stream. Leaving the loop early
         (break, exception, task cancellation) cancels the call, and the server frees its rows."""
         call = self._stub.Generate(generate_request(prompt, num_images, **options),
-                                   timeout=timeout or self.timeout, metadata=metadata_for(request_id))
+                                   timeout=timeout or self.timeout, metadata=metadata_for(request_id, self.security.token))
         try:
             async for msg in call:
                 yield generate_event(msg)
@@ -63,7 +66,7 @@ class AsyncPaletteClient:
             for image in images:
                 yield pb.RankRequest(image=image_bytes(image))
 
-        call = self._stub.Rank(requests(), timeout=timeout or self.timeout, metadata=metadata_for(request_id))
+        call = self._stub.Rank(requests(), timeout=timeout or self.timeout, metadata=metadata_for(request_id, self.security.token))
         try:
             async for msg in call:
                 yield rank_event(msg)
@@ -74,6 +77,7 @@ class AsyncPaletteClient:
 
     async def info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         try:
-            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout or 30.0)
+            return await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout or 30.0,
+                                                 metadata=metadata_for(None, self.security.token))
         except grpc.aio.AioRpcError as err:
             raise PaletteError.from_rpc_error(err) from None

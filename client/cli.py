@@ -19,13 +19,28 @@ SERVER_MODULES = {"jax", "jaxlib", "flax", "numpy", "msgpack", "transformers", "
 
 
 def _server_arg(parser: argparse.ArgumentParser, top_level: bool = False) -> None:
-    """--server and --timeout, accepted before the command (`palette --server H:P info`) and after it;
+    """How to reach the server, accepted before the command (`palette --server H:P info`) and after it;
     the command's copies default to SUPPRESS so that they do not overwrite the top-level values."""
-    server_default = os.environ.get("PALETTE_SERVER", DEFAULT_TARGET) if top_level else argparse.SUPPRESS
-    timeout_default = None if top_level else argparse.SUPPRESS
-    parser.add_argument("--server", default=server_default,
+    def default(value):
+        return value if top_level else argparse.SUPPRESS
+
+    parser.add_argument("--server", default=default(os.environ.get("PALETTE_SERVER", DEFAULT_TARGET)),
                         help=f"server address host:port (default: $PALETTE_SERVER or {DEFAULT_TARGET})")
-    parser.add_argument("--timeout", type=float, default=timeout_default, help="give up after this many seconds")
+    parser.add_argument("--timeout", type=float, default=default(None), help="give up after this many seconds")
+    parser.add_argument("--tls", action="store_true", default=default(False),
+                        help="connect with TLS, trusting the system's CA certificates")
+    parser.add_argument("--tls-ca", metavar="FILE", default=default(None),
+                        help="connect with TLS, trusting the CA certificate(s) in this PEM file")
+    parser.add_argument("--tls-cert", metavar="FILE", default=default(None),
+                        help="client certificate (PEM) for a server that requires one (mTLS); with --tls-key")
+    parser.add_argument("--tls-key", metavar="FILE", default=default(None), help="the client certificate's key")
+    parser.add_argument("--token", default=default(None),
+                        help="bearer token for a server started with --auth-tokens (default: $PALETTE_TOKEN)")
+
+
+def connect(args: argparse.Namespace) -> PaletteClient:
+    return PaletteClient(args.server, timeout=args.timeout, tls=args.tls, tls_ca=args.tls_ca, tls_cert=args.tls_cert,
+                         tls_key=args.tls_key, token=args.token)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +68,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM, how long in-flight requests may take to finish (default %(default)s)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling the common shapes before listening")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
+    g = p.add_argument_group("security (see README: Deploying)")
+    g.add_argument("--tls-cert", metavar="FILE", help="serve TLS only, with this certificate chain (PEM)")
+    g.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    g.add_argument("--tls-client-ca", metavar="FILE",
+                   help="also require client certificates signed by this CA (mTLS); the subject is the caller")
+    g.add_argument("--auth-tokens", metavar="FILE",
+                   help="require 'authorization: Bearer <token>'; one name:token[:weight] per line, # comments")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow plaintext on a non-loopback --host (only behind a proxy or mesh that does TLS)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-queue-per-caller", type=int,
+                   help="Generate requests one caller may have waiting (default: half of --max-queue when callers "
+                        "are authenticated, else no separate limit)")
+    g.add_argument("--max-message-bytes", type=int, default=33 * 1024 * 1024,
+                   help="largest message a client may send (default %(default)s)")
+    g.add_argument("--max-streams-per-connection", type=int, default=64,
+                   help="concurrent calls on one client connection (default %(default)s)")
+    g.add_argument("--max-rank-image-bytes", type=int, default=16 * 1024 * 1024,
+                   help="largest image a Rank call may upload (default %(default)s)")
+    g.add_argument("--max-rank-call-bytes", type=int, default=32 * 1024 * 1024,
+                   help="all images of one Rank call together (default %(default)s)")
 
     p = sub.add_parser("generate", help="generate images for a prompt")
     p.add_argument("prompt")
@@ -60,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out", help="folder for the images and the grid (default %(default)s)")
     p.add_argument("--rank", action="store_true", help="CLIP-rank the images (the grid shows them best first)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image (default: random)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: the model's, 50)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling (default: the model's, see `info`)")
     p.add_argument("--top-p", type=float, help="nucleus sampling, in (0, 1]")
     p.add_argument("--temperature", type=float, help="sampling temperature, > 0 (default: the server's, see `info`)")
     p.add_argument("--condition-scale", type=float, help="super-conditioning scale (default: the server's, see `info`)")
@@ -125,13 +161,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if _report_missing_server_extra(err):
             return 2
         raise
+    from palette.server.main import StartupError
+
+    per_caller = args.max_queue_per_caller
+    if per_caller is None:
+        per_caller = max(1, args.max_queue // 2) if (args.auth_tokens or args.tls_client_ca) else 0
     config = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
-                          max_queued_requests=args.max_queue, max_wait_ms=args.max_wait_ms, grace_s=args.grace_s,
-                          warmup=not args.no_warmup)
+                          max_queued_requests=args.max_queue, max_queued_per_caller=per_caller,
+                          max_wait_ms=args.max_wait_ms, grace_s=args.grace_s, warmup=not args.no_warmup,
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                          auth_tokens=args.auth_tokens, insecure=args.insecure,
+                          max_message_bytes=args.max_message_bytes,
+                          max_streams_per_connection=args.max_streams_per_connection,
+                          max_rank_image_bytes=args.max_rank_image_bytes, max_rank_call_bytes=args.max_rank_call_bytes)
     try:
         return run(args.config, config, log_format=args.log_format, num_slots=args.num_slots,
                    chunk_steps=args.chunk_steps)
-    except OSError as err:
+    except StartupError as err:
         print(f"palette: error: {err}", file=sys.stderr)
         return 1
 
@@ -146,7 +192,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     images: list[GeneratedImage] = []
     done: Done | None = None
     bar = None
-    with PaletteClient(args.server, timeout=args.timeout) as client:
+    with connect(args) as client:
         call = client.generate(args.prompt, args.num_images, seed=args.seed, top_k=args.top_k, top_p=args.top_p,
                                temperature=args.temperature, condition_scale=args.condition_scale, rank=args.rank,
                                format=args.format, quality=args.quality, preview_every=args.preview_every)
@@ -200,7 +246,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
             return 2
     scores: dict[int, float] = {}
     order: list[int] = []
-    with PaletteClient(args.server, timeout=args.timeout) as client:
+    with connect(args) as client:
         for event in client.rank(args.prompt, args.images):
             if isinstance(event, Score):
                 scores[event.index] = event.score
@@ -216,7 +262,7 @@ def cmd_rank(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with PaletteClient(args.server, timeout=args.timeout) as client:
+    with connect(args) as client:
         info = client.info()
     if args.json:
         from google.protobuf import json_format
@@ -238,7 +284,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  batching: {lim.num_slots} sampler rows, {lim.chunk_steps} tokens per step, "
           f"queue of {lim.max_queued_requests} requests")
     print(f"  sampling defaults: condition scale {lim.default_condition_scale:g}, "
-          f"temperature {lim.default_temperature:g}, top-k up to {lim.max_top_k}")
+          f"temperature {lim.default_temperature:g}, top-k {lim.default_top_k} (up to {lim.max_top_k})")
     print(f"  rank: {'available' if info.has_ranker else 'not available'}; up to {lim.max_rank_images} images "
           f"of {lim.max_rank_image_bytes} bytes and {lim.max_rank_image_pixels} pixels each")
     return 0

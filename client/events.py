@@ -8,6 +8,7 @@ import os
 from typing import Any, Union
 
 import grpc
+import grpc.aio
 from PIL import Image
 
 from palette.v1 import palette_pb2 as pb
@@ -191,10 +192,50 @@ def image_bytes(image: ImageInput) -> bytes:
         return f.read()
 
 
-def metadata_for(request_id: str | None) -> tuple[tuple[str, str], ...] | None:
-    return (("x-request-id", request_id),) if request_id else None
+def metadata_for(request_id: str | None, token: str | None = None) -> tuple[tuple[str, str], ...] | None:
+    metadata = []
+    if request_id:
+        metadata.append(("x-request-id", request_id))
+    if token:
+        metadata.append(("authorization", f"Bearer {token}"))
+    return tuple(metadata) or None
 
 
 def channel_options() -> list[tuple[str, Any]]:
     return [("grpc.max_receive_message_length", 256 * 1024 * 1024),
             ("grpc.max_send_message_length", 256 * 1024 * 1024)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Security:
+    """How to reach a server: TLS (with the system's roots or `ca`), a client certificate (mTLS), a token.
+
+    `token` defaults to $PALETTE_TOKEN; it is sent as `authorization: Bearer <token>` on every call.
+    """
+
+    tls: bool = False
+    ca: str | os.PathLike | None = None  # PEM file of the CA that signed the server's certificate
+    cert: str | os.PathLike | None = None  # client certificate (PEM), with `key`
+    key: str | os.PathLike | None = None
+    token: str | None = None
+
+    @classmethod
+    def of(cls, tls: bool = False, tls_ca=None, tls_cert=None, tls_key=None, token: str | None = None) -> "Security":
+        if bool(tls_cert) != bool(tls_key):
+            raise ValueError("tls_cert and tls_key go together: give both, or neither")
+        token = token if token is not None else os.environ.get("PALETTE_TOKEN") or None
+        return cls(tls=bool(tls or tls_ca or tls_cert), ca=tls_ca, cert=tls_cert, key=tls_key, token=token)
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        if not self.tls:
+            return None
+        read = lambda path: open(path, "rb").read() if path else None  # noqa: E731
+        return grpc.ssl_channel_credentials(root_certificates=read(self.ca), private_key=read(self.key),
+                                            certificate_chain=read(self.cert))
+
+    def channel(self, target: str, aio: bool = False) -> Any:
+        module = grpc.aio if aio else grpc
+        credentials = self.credentials()
+        if credentials is None:
+            return module.insecure_channel(target, options=channel_options())
+        return module.secure_channel(target, credentials, options=channel_options())

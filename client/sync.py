@@ -11,7 +11,7 @@ from palette.v1 import palette_pb2 as pb
 from palette.v1 import palette_pb2_grpc as pb_grpc
 
 from .events import (Done, GenerateEvent, GeneratedImage, ImageInput, PaletteError, RankDone, RankEvent, Score,
-                     channel_options, generate_event, generate_request, image_bytes, metadata_for, rank_event)
+                     Security, generate_event, generate_request, image_bytes, metadata_for, rank_event)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -64,13 +64,20 @@ class GenerateCall:
 
 
 class PaletteClient:
-    """Talk to a Palette server: `generate`, `rank`, `info`. Use as a context manager or call `close()`."""
+    """Talk to a Palette server: `generate`, `rank`, `info`. Use as a context manager or call `close()`.
+
+    Security: `tls=True` (the system's CA roots) or `tls_ca` (a PEM file) for a TLS server,
+    `tls_cert` + `tls_key` for a server that wants client certificates, `token` (default
+    $PALETTE_TOKEN) for one that wants bearer tokens.
+    """
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, tls: bool = False, tls_ca: str | None = None,
+                 tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None):
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(target, options=channel_options())
+        self.security = Security.of(tls, tls_ca, tls_cert, tls_key, token)
+        self._channel = channel or self.security.channel(target)
         self._stub = pb_grpc.PaletteStub(self._channel)
 
     def close(self) -> None:
@@ -97,7 +104,7 @@ class PaletteClient:
         ("png" / "jpeg" / "webp"), quality, preview_every. Iterate the result for Progress, Preview,
         GeneratedImage and Done events, or call `.collect()`."""
         request = generate_request(prompt, num_images, **options)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=metadata_for(request_id))
+        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=metadata_for(request_id, self.security.token))
         return GenerateCall(call)
 
     def generate_images(self, prompt: str, num_images: int = 1, **options) -> GenerateResult:
@@ -114,7 +121,7 @@ class PaletteClient:
 
         try:
             for msg in self._stub.Rank(requests(), timeout=timeout or self.timeout,
-                                       metadata=metadata_for(request_id)):
+                                       metadata=metadata_for(request_id, self.security.token)):
                 yield rank_event(msg)
         except grpc.RpcError as err:
             raise PaletteError.from_rpc_error(err) from None
@@ -131,6 +138,7 @@ class PaletteClient:
 
     def info(self, *, timeout: float | None = None) -> pb.ModelInfo:
         try:
-            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout or 30.0)
+            return self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout or self.timeout or 30.0,
+                                           metadata=metadata_for(None, self.security.token))
         except grpc.RpcError as err:
             raise PaletteError.from_rpc_error(err) from None

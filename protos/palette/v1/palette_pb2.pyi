@@ -217,7 +217,7 @@ class StageInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., type: _Optional[str] = ..., checkpoint: _Optional[str] = ..., dtype: _Optional[str] = ..., consumes: _Optional[_Iterable[str]] = ..., produces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_chars", "max_prompt_tokens", "max_images_per_request", "num_slots", "image_length", "chunk_steps", "image_width", "image_height", "max_queued_requests", "max_rank_images", "max_rank_image_bytes", "max_rank_image_pixels", "max_top_k", "default_condition_scale", "default_temperature", "max_rank_call_bytes", "max_rank_aspect_ratio", "max_queued_requests_per_caller")
+    __slots__ = ("max_prompt_chars", "max_prompt_tokens", "max_images_per_request", "num_slots", "image_length", "chunk_steps", "image_width", "image_height", "max_queued_requests", "max_rank_images", "max_rank_image_bytes", "max_rank_image_pixels", "max_top_k", "default_condition_scale", "default_temperature", "max_rank_call_bytes", "max_rank_aspect_ratio", "max_queued_requests_per_caller", "default_top_k")
     MAX_PROMPT_CHARS_FIELD_NUMBER: _ClassVar[int]
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_IMAGES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,7 @@ class Limits(_message.Message):
     MAX_RANK_CALL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_RANK_ASPECT_RATIO_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_PER_CALLER_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_TOP_K_FIELD_NUMBER: _ClassVar[int]
     max_prompt_chars: int
     max_prompt_tokens: int
     max_images_per_request: int
@@ -254,4 +255,5 @@ class Limits(_message.Message):
     max_rank_call_bytes: int
     max_rank_aspect_ratio: float
     max_queued_requests_per_caller: int
-    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., num_slots: _Optional[int] = ..., image_length: _Optional[int] = ..., chunk_steps: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_rank_images: _Optional[int] = ..., max_rank_image_bytes: _Optional[int] = ..., max_rank_image_pixels: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_condition_scale: _Optional[float] = ..., default_temperature: _Optional[float] = ..., max_rank_call_bytes: _Optional[int] = ..., max_rank_aspect_ratio: _Optional[float] = ..., max_queued_requests_per_caller: _Optional[int] = ...) -> None: ...
+    default_top_k: int
+    def __init__(self, max_prompt_chars: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_images_per_request: _Optional[int] = ..., num_slots: _Optional[int] = ..., image_length: _Optional[int] = ..., chunk_steps: _Optional[int] = ..., image_width: _Optional[int] = ..., image_height: _Optional[int] = ..., max_queued_requests: _Optional[int] = ..., max_rank_images: _Optional[int] = ..., max_rank_image_bytes: _Optional[int] = ..., max_rank_image_pixels: _Optional[int] = ..., max_top_k: _Optional[int] = ..., default_condition_scale: _Optional[float] = ..., default_temperature: _Optional[float] = ..., max_rank_call_bytes: _Optional[int] = ..., max_rank_aspect_ratio: _Optional[float] = ..., max_queued_requests_per_caller: _Optional[int] = ..., default_top_k: _Optional[int] = ...) -> None: ...
