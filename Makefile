@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PORT   ?= 50051
 PROMPT ?= a red circle in the top left corner on a blue background
 OUT    ?= out
-REF    ?= ../shared/reference
+REF    ?= tests/reference
 
 .PHONY: setup demo serve test conformance proto train-default eval bench clean
 

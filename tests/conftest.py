@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_REFERENCE_DIR = REPO_ROOT.parent / "shared" / "reference"
+DEFAULT_REFERENCE_DIR = REPO_ROOT / "tests" / "reference"  # the public golden cases, kept in the repo
 
 
 def reference_dir() -> Path:

@@ -1,6 +1,6 @@
 """Conformance with the original implementations, case by case.
 
-Runs every case folder in $PALETTE_REFERENCE_DIR (default ../shared/reference).
+Runs every case folder in $PALETTE_REFERENCE_DIR (default tests/reference, the golden cases kept in the repo).
 `make conformance REF=<dir>` runs just this module against another folder.
 """
 
