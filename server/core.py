@@ -164,6 +164,7 @@ class RankSession:
             yield pb.RankResponse(score=pb.Score(index=start + offset, score=value))
 
     def _done(self) -> pb.RankResponse:
+        self.call.ok()  # before the last message goes out: a client may hang up as soon as it has it
         ranked = sorted(self._scores, key=lambda i: (-self._scores[i], i))
         return pb.RankResponse(done=pb.RankDone(ranked_indices=ranked, request_id=self.call.request_id,
                                                 total_ms=1000 * (time.monotonic() - self.call.start)))
@@ -269,15 +270,20 @@ class PaletteCore:
     def cancel(self, job: GenerateJob) -> None:
         self.batcher.cancel(job)
 
-    def generate_responses(self, job: GenerateJob) -> Iterator[pb.GenerateResponse]:
-        """The job's events as messages; raises the RpcFailure that ended it early."""
+    def generate_responses(self, job: GenerateJob, call: CallRecord) -> Iterator[pb.GenerateResponse]:
+        """The job's events as messages; raises the RpcFailure that ended it early. The call is marked
+        OK as its last message goes out: a client may hang up as soon as it has that message."""
         while not isinstance(event := job.events.get(), End):
+            if isinstance(event, DoneEvent):
+                call.ok()
             yield to_message(event, job.request_id)
         if event.failure is not None:
             raise event.failure
 
-    async def agenerate_responses(self, job: GenerateJob) -> AsyncIterator[pb.GenerateResponse]:
+    async def agenerate_responses(self, job: GenerateJob, call: CallRecord) -> AsyncIterator[pb.GenerateResponse]:
         while not isinstance(event := await job.events.aget(), End):
+            if isinstance(event, DoneEvent):
+                call.ok()
             yield to_message(event, job.request_id)
         if event.failure is not None:
             raise event.failure

@@ -209,8 +209,7 @@ class PaletteServicer:
         if not context.add_callback(lambda: self.core.cancel(job)):
             self.core.cancel(job)
         try:
-            yield from self.core.generate_responses(job)
-            call.ok()
+            yield from self.core.generate_responses(job, call.record)
         except RpcFailure as failure:
             call.fail(failure)
 
@@ -231,7 +230,6 @@ class PaletteServicer:
             threading.Thread(target=session.read_all, args=(_rank_images(request_iterator),),
                              name=f"palette-rank-{call.record.request_id}", daemon=True).start()
             yield from session.responses(context.is_active)
-            call.ok()
         except RpcFailure as failure:
             call.fail(failure)
         except Exception:  # noqa: BLE001
