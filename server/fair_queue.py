@@ -1,14 +1,14 @@
 """Generate requests waiting for sampler rows, shared fairly between callers.
 
 Each caller (identity) has its own queue. Free rows go to callers by smooth weighted round-robin
-(with equal weights: one row each in turn), and within a caller round-robin over its requests, one
-image at a time, so a flood of requests from one caller delays another caller by at most one
-row's turn, and a 1-image request is never stuck behind a 16-image one.
+(with equal weights: one row each in turn), so a flood of requests from one caller delays another
+caller by at most one row's turn. Within a caller, each round of free rows passes over its requests
+from the oldest, one image each: a 1-image request is never stuck behind a 16-image one, and older
+requests finish first rather than all of a caller's requests crawling along together.
 """
 
 from __future__ import annotations
 
-import collections
 from typing import Iterator
 
 from .jobs import GenerateJob
@@ -17,8 +17,9 @@ from .jobs import GenerateJob
 class _CallerQueue:
     def __init__(self, weight: float):
         self.weight = weight
-        self.jobs: collections.deque[GenerateJob] = collections.deque()
+        self.jobs: list[GenerateJob] = []
         self.current = 0.0  # smooth weighted round-robin credit
+        self.cursor = 0  # the next request of this round
 
 
 class FairQueue:
@@ -60,7 +61,7 @@ class FairQueue:
             if any(job.cancelled.is_set() for job in queue.jobs):
                 kept = [job for job in queue.jobs if not job.cancelled.is_set()]
                 self._count -= len(queue.jobs) - len(kept)
-                queue.jobs = collections.deque(kept)
+                queue.jobs = kept
                 dropped = True
             if not queue.jobs:
                 del self._callers[caller]
@@ -69,15 +70,20 @@ class FairQueue:
     def take(self, rows: int) -> list[tuple[GenerateJob, int]]:
         """Give up to `rows` free rows to waiting images: (job, image index) pairs, fairly ordered."""
         picks: list[tuple[GenerateJob, int]] = []
+        for queue in self._callers.values():
+            queue.cursor = 0
         while rows > 0 and self._callers:
             queue = self._next_caller()
-            job = queue.jobs.popleft()
+            if queue.cursor >= len(queue.jobs):
+                queue.cursor = 0
+            job = queue.jobs[queue.cursor]
             picks.append((job, job.next_index))
             job.next_index += 1
             rows -= 1
             if job.images_waiting:
-                queue.jobs.append(job)
+                queue.cursor += 1
             else:
+                del queue.jobs[queue.cursor]
                 self._count -= 1
                 if not queue.jobs:
                     del self._callers[job.caller]
