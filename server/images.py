@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 from PIL import Image
 
@@ -18,6 +19,10 @@ FORMATS = {
     pb.IMAGE_FORMAT_WEBP: ("WEBP", "image/webp"),
 }
 DEFAULT_QUALITY = 90
+
+# Pillow warns about headers claiming a huge canvas; load_upload refuses those with a clear error of
+# its own (the server's pixel limit is far below Pillow's), so the warning would only add noise.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 def encode_image(image: Image.Image, fmt: int, quality: int = 0) -> tuple[bytes, str]:

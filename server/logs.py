@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -49,6 +50,10 @@ def configure(fmt: str = "json", level: str = "info") -> None:
     root.setLevel(level.upper())
     # warnings.warn (Pillow's, say) and transformers' own stderr handler would print plain lines.
     logging.captureWarnings(True)
+    # transformers advises installing PyTorch on import: Palette uses only its tokenizers and processors.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # gRPC's C core writes plain-text lines of its own (failed TLS handshakes at INFO): errors only.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         from transformers.utils import logging as transformers_logging
     except ImportError:
