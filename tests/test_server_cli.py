@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -15,6 +16,7 @@ import pytest
 from PIL import Image
 
 from palette.client import Done, GeneratedImage, PaletteClient, PaletteError, Progress
+from palette.v1 import palette_pb2 as pb
 from server_fixtures import CHUNK_STEPS, NUM_SLOTS
 
 PALETTE = str(Path(sys.executable).with_name("palette"))
@@ -113,6 +115,26 @@ def test_serve_without_the_server_extra_says_how_to_install():
     assert "pip install 'palette[server]'" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_cancel_storm_and_a_huge_image_header_leave_the_server_well(serve):
+    """Calls cancelled as they start must not stay counted in flight (the drain below would wait for
+    them), and an image whose header claims 96 million pixels is refused without Pillow printing its
+    own warning line (the log stays JSON: see the last test)."""
+    import grpc
+
+    request = pb.GenerateRequest(prompt="a storm of cancels", num_images=2, seed=1).SerializeToString()
+    with grpc.insecure_channel(serve.address) as channel:
+        stub = channel.unary_stream("/palette.v1.Palette/Generate")
+        for i in range(150):
+            call = stub(request)
+            time.sleep(0.001 * (i % 3))
+            call.cancel()
+    buf = io.BytesIO()
+    Image.new("L", (12000, 8000)).save(buf, format="PNG")
+    with PaletteClient(serve.address, timeout=60) as client, pytest.raises(PaletteError) as err:
+        client.rank_scores("a red circle", [buf.getvalue()])
+    assert err.value.code.name == "INVALID_ARGUMENT" and "96000000 pixels" in err.value.details
+
+
 def test_sigterm_drains_in_flight_requests_then_exits(serve):
     """Runs last in this module: it stops the shared server."""
     with PaletteClient(serve.address, timeout=120) as client:
@@ -129,8 +151,29 @@ def test_sigterm_drains_in_flight_requests_then_exits(serve):
             rest = list(s)
             assert isinstance(rest[-1], Done)
             assert sum(isinstance(e, GeneratedImage) for e in rest) == 16
+    work_done = time.monotonic()
     assert serve.proc.wait(60) == 0
-    logs = [json.loads(line) for line in serve.lines if line.startswith("{")]
+    assert time.monotonic() - work_done < 15, "the drain outlasted the work (grace is 60 s)"
+    not_json = [line for line in serve.lines if not line.startswith("{")]
+    assert not not_json, f"log lines that are not JSON: {not_json[:5]}"
+    logs = [json.loads(line) for line in serve.lines]
     messages = [entry["msg"] for entry in logs]
     assert any("draining" in m for m in messages) and "stopped" in messages
     assert any(entry.get("request_id") for entry in logs if entry["msg"].startswith("Generate"))
+
+
+@pytest.mark.parametrize("config, message", [
+    (None, "missing.toml not found"),
+    ("[pipeline\nname = ", "is not valid TOML"),
+    ('[[stages]]\nname = "text"\ntype = "text"\ncheckpoint = "no-such-folder"\n', "no-such-folder"),
+])
+def test_startup_failures_are_one_clear_line(tmp_path, config, message):
+    path = tmp_path / "missing.toml"
+    if config is not None:
+        path.write_text(config)
+    result = subprocess.run([PALETTE, "serve", "--config", str(path), "--port", "0", "--no-metrics"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
+    assert len(errors) == 1 and errors[0].startswith("palette: error:") and message in errors[0], result.stderr
