@@ -18,6 +18,11 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The Node.js example's packages (its test runs it), from the committed lock file.
+NODE_EXAMPLE := examples/node/node_modules/.package-lock.json
+$(NODE_EXAMPLE): examples/node/package-lock.json
+	cd examples/node && npm ci --no-audit --no-fund
+
 # Start the server on the embedded default model set, generate ranked images for PROMPT into OUT, stop.
 demo: setup
 	@$(BIN)/palette serve --port $(PORT) --no-metrics --log-format text > $(OUT).server.log 2>&1 & pid=$$!; \
@@ -31,7 +36,7 @@ demo: setup
 serve: setup
 	$(BIN)/palette serve --port $(PORT)
 
-test: setup
+test: setup $(NODE_EXAMPLE)
 	$(BIN)/python -m pytest -q
 
 # The conformance suite alone, against another reference folder of the same format.
