@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import AsyncIterator, Iterable
 
 import grpc
@@ -11,7 +13,7 @@ from palette.v1 import palette_pb2 as pb
 from palette.v1 import palette_pb2_grpc as pb_grpc
 
 from .events import (Done, GenerateEvent, GeneratedImage, ImageInput, PaletteError, RankEvent, Security,
-                     generate_event, generate_request, image_bytes, metadata_for, rank_event)
+                     generate_event, generate_request, image_bytes, metadata_for, random_seed, rank_event)
 from .sync import DEFAULT_TARGET, GenerateResult
 
 
@@ -20,9 +22,10 @@ class AsyncPaletteClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None, tls: bool = False,
                  tls_ca: str | None = None, tls_cert: str | None = None, tls_key: str | None = None,
-                 token: str | None = None):
+                 token: str | None = None, resubmit_unavailable: int = 0):
         self.target = target
         self.timeout = timeout
+        self.resubmit_unavailable = resubmit_unavailable
         self.security = Security.of(tls, tls_ca, tls_cert, tls_key, token)
         self._channel = self.security.channel(target, aio=True)
         self._stub = pb_grpc.PaletteStub(self._channel)
@@ -37,18 +40,38 @@ class AsyncPaletteClient:
         await self.close()
 
     async def generate(self, prompt: str, num_images: int = 1, *, timeout: float | None = None,
-                       request_id: str | None = None, **options) -> AsyncIterator[GenerateEvent]:
+                       request_id: str | None = None, resubmit_unavailable: int | None = None,
+                       **options) -> AsyncIterator[GenerateEvent]:
         """Progress, Preview, GeneratedImage and Done events as they stream. Leaving the loop early
-        (break, exception, task cancellation) cancels the call, and the server frees its rows."""
-        call = self._stub.Generate(generate_request(prompt, num_images, **options),
-                                   timeout=timeout or self.timeout, metadata=metadata_for(request_id, self.security.token))
-        try:
-            async for msg in call:
-                yield generate_event(msg)
-        except grpc.aio.AioRpcError as err:
-            raise PaletteError.from_rpc_error(err) from None
-        finally:
-            call.cancel()  # a no-op when the stream already finished
+        (break, exception, task cancellation) cancels the call, and the server frees its rows.
+        `resubmit_unavailable`: as PaletteClient.generate."""
+        resubmit = self.resubmit_unavailable if resubmit_unavailable is None else resubmit_unavailable
+        if resubmit and not options.get("seed"):
+            options["seed"] = random_seed()  # chosen here, so a resubmission samples the same images
+        request = generate_request(prompt, num_images, **options)
+        metadata = metadata_for(request_id, self.security.token)
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        attempts = 0
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            call = self._stub.Generate(request, timeout=remaining, metadata=metadata)
+            sent_image = False
+            try:
+                async for msg in call:
+                    event = generate_event(msg)
+                    sent_image |= isinstance(event, GeneratedImage)
+                    yield event
+                return
+            except grpc.aio.AioRpcError as err:
+                error = PaletteError.from_rpc_error(err)
+            finally:
+                call.cancel()  # a no-op when the stream already finished
+            if (sent_image or attempts >= resubmit or error.code != grpc.StatusCode.UNAVAILABLE
+                    or (deadline is not None and time.monotonic() >= deadline)):
+                raise error
+            attempts += 1
+            await asyncio.sleep(error.retry_after_s or min(2.0, 0.1 * 2 ** attempts))
 
     async def generate_images(self, prompt: str, num_images: int = 1, **options) -> GenerateResult:
         images: list[GeneratedImage] = []
@@ -66,7 +89,8 @@ class AsyncPaletteClient:
             for image in images:
                 yield pb.RankRequest(image=image_bytes(image))
 
-        call = self._stub.Rank(requests(), timeout=timeout or self.timeout, metadata=metadata_for(request_id, self.security.token))
+        call = self._stub.Rank(requests(), timeout=timeout or self.timeout,
+                               metadata=metadata_for(request_id, self.security.token))
         try:
             async for msg in call:
                 yield rank_event(msg)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import secrets
 from typing import Any, Union
 
 import grpc
@@ -178,6 +179,12 @@ def generate_request(prompt: str, num_images: int = 1, *, seed: int = 0, top_k: 
 
 
 ImageInput = Union[bytes, str, os.PathLike, Image.Image]
+
+SEED_SPACE = 2**32 - 1  # seeds are 1..2^32-1 on the wire; 0 asks the server to choose
+
+
+def random_seed() -> int:
+    return secrets.randbelow(SEED_SPACE) + 1
 
 
 def image_bytes(image: ImageInput) -> bytes:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Iterator
+import time
+from typing import Any, Callable, Iterable, Iterator
 
 import grpc
 
@@ -11,7 +12,7 @@ from palette.v1 import palette_pb2 as pb
 from palette.v1 import palette_pb2_grpc as pb_grpc
 
 from .events import (Done, GenerateEvent, GeneratedImage, ImageInput, PaletteError, RankDone, RankEvent, Score,
-                     Security, generate_event, generate_request, image_bytes, metadata_for, rank_event)
+                     Security, generate_event, generate_request, image_bytes, metadata_for, random_seed, rank_event)
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -31,19 +32,46 @@ class GenerateResult:
 
 
 class GenerateCall:
-    """An in-flight Generate: iterate it for events; `cancel()` stops the server's work within one step."""
+    """An in-flight Generate: iterate it for events; `cancel()` stops the server's work within one step.
 
-    def __init__(self, call):
-        self._call = call
+    With `resubmit` > 0, a call that ends UNAVAILABLE (a replica or node lost, a server draining)
+    before its first image is sent again, up to `resubmit` times within the call's deadline. That is
+    safe because the request carries its seeds: the images are the ones the lost call would have
+    sent. The events of a resubmitted call start again with its first progress.
+    """
+
+    def __init__(self, start: Callable[[float | None], Any], timeout: float | None, resubmit: int = 0):
+        self._start = start
+        self._deadline = time.monotonic() + timeout if timeout else None
+        self._resubmit = resubmit
+        self._cancelled = False
+        self._call = start(timeout)
 
     def __iter__(self) -> Iterator[GenerateEvent]:
-        try:
-            for msg in self._call:
-                yield generate_event(msg)
-        except grpc.RpcError as err:
-            raise PaletteError.from_rpc_error(err) from None
+        attempts = 0
+        while True:
+            sent_image = False
+            try:
+                for msg in self._call:
+                    event = generate_event(msg)
+                    sent_image |= isinstance(event, GeneratedImage)
+                    yield event
+                return
+            except grpc.RpcError as err:
+                error = PaletteError.from_rpc_error(err)
+            if not self._may_resubmit(error, sent_image, attempts):
+                raise error
+            attempts += 1
+            time.sleep(error.retry_after_s or min(2.0, 0.1 * 2 ** attempts))
+            self._call = self._start(None if self._deadline is None else max(0.0, self._deadline - time.monotonic()))
+
+    def _may_resubmit(self, error: PaletteError, sent_image: bool, attempts: int) -> bool:
+        if self._cancelled or sent_image or attempts >= self._resubmit or error.code != grpc.StatusCode.UNAVAILABLE:
+            return False
+        return self._deadline is None or time.monotonic() < self._deadline
 
     def cancel(self) -> None:
+        self._cancelled = True
         self._call.cancel()
 
     @property
@@ -73,9 +101,11 @@ class PaletteClient:
 
     def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = None,
                  channel: grpc.Channel | None = None, tls: bool = False, tls_ca: str | None = None,
-                 tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None):
+                 tls_cert: str | None = None, tls_key: str | None = None, token: str | None = None,
+                 resubmit_unavailable: int = 0):
         self.target = target
         self.timeout = timeout
+        self.resubmit_unavailable = resubmit_unavailable  # see GenerateCall
         self.security = Security.of(tls, tls_ca, tls_cert, tls_key, token)
         self._channel = channel or self.security.channel(target)
         self._stub = pb_grpc.PaletteStub(self._channel)
@@ -99,13 +129,18 @@ class PaletteClient:
                                f"(start one with `palette serve`)") from None
 
     def generate(self, prompt: str, num_images: int = 1, *, timeout: float | None = None,
-                 request_id: str | None = None, **options) -> GenerateCall:
+                 request_id: str | None = None, resubmit_unavailable: int | None = None, **options) -> GenerateCall:
         """Start sampling; options: seed, top_k, top_p, temperature, condition_scale, rank, format
         ("png" / "jpeg" / "webp"), quality, preview_every. Iterate the result for Progress, Preview,
-        GeneratedImage and Done events, or call `.collect()`."""
+        GeneratedImage and Done events, or call `.collect()`. `resubmit_unavailable` (default: the
+        client's) sends the request again when it fails UNAVAILABLE before its first image."""
+        resubmit = self.resubmit_unavailable if resubmit_unavailable is None else resubmit_unavailable
+        if resubmit and not options.get("seed"):
+            options["seed"] = random_seed()  # chosen here, so a resubmission samples the same images
         request = generate_request(prompt, num_images, **options)
-        call = self._stub.Generate(request, timeout=timeout or self.timeout, metadata=metadata_for(request_id, self.security.token))
-        return GenerateCall(call)
+        metadata = metadata_for(request_id, self.security.token)
+        return GenerateCall(lambda timeout: self._stub.Generate(request, timeout=timeout, metadata=metadata),
+                            timeout or self.timeout, resubmit)
 
     def generate_images(self, prompt: str, num_images: int = 1, **options) -> GenerateResult:
         return self.generate(prompt, num_images, **options).collect()
