@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 50051
-PROMPT ?= a red circle in the top left corner on a blue background
+PROMPT ?= a purple ring
 OUT    ?= out
 REF    ?= tests/reference
 
