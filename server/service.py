@@ -24,8 +24,8 @@ from palette.stages.pipeline import Pipeline
 from palette.v1 import palette_pb2 as pb
 
 from .auth import Authenticator, Caller
-from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore
-from .errors import InvalidArgument, RpcFailure
+from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore, rank_image, rank_prompt
+from .errors import RpcFailure, undecodable
 from .logs import request_id_from
 from .metrics import Metrics
 from .tls import CertificateFiles
@@ -115,8 +115,7 @@ class _Undecodable:
     """What our deserializer returns for bytes that are not a valid message of the expected type."""
 
     def __init__(self, type_name: str, error: Exception):
-        self.failure = InvalidArgument(f"the {type_name} message could not be decoded ({error}); "
-                                       f"check that strings are valid UTF-8 and the body is complete")
+        self.failure = undecodable(type_name, error)
 
 
 def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
@@ -223,9 +222,7 @@ class PaletteServicer:
             first = next(request_iterator, None)
             if isinstance(first, _Undecodable):
                 raise first.failure
-            if first is None or first.WhichOneof("item") != "prompt":
-                raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
-            session = self.core.start_rank(first.prompt, call.record)
+            session = self.core.start_rank(rank_prompt(first), call.record)
             # A reader thread takes images in while this one streams scores out, so scores flow
             # back as soon as each batch is scored, even while the client is still sending.
             threading.Thread(target=session.read_all, args=(_rank_images(request_iterator),),
@@ -283,10 +280,7 @@ def _rank_images(request_iterator: Iterator[Any]) -> Iterator[bytes]:
     for position, message in enumerate(request_iterator, start=1):
         if isinstance(message, _Undecodable):
             raise message.failure
-        if message.WhichOneof("item") != "image":
-            raise InvalidArgument(f"message {position} carries no image: only the first message carries the prompt, "
-                                  f"every later one exactly one image")
-        yield message.image
+        yield rank_image(position, message)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
