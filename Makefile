@@ -38,9 +38,11 @@ test: setup
 conformance: setup
 	PALETTE_REFERENCE_DIR=$(abspath $(REF)) $(BIN)/python -m pytest -q tests/test_conformance.py
 
-# Regenerate the committed gRPC code from protos/ (tests check it is current).
+# Regenerate the committed gRPC and Connect code from protos/ (tests check it is current).
 proto: setup
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos protos/palette/v1/palette.proto
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
+	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc --connectrpc_out=protos \
+	  --connectrpc_opt=protobuf=google protos/palette/v1/palette.proto
 
 # Train the embedded default model set from scratch (about an hour on 2 CPU cores).
 train-default: setup
