@@ -45,6 +45,7 @@ class ServerConfig(CoreConfig):
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (PaletteServer.port says which)
     metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
+    http_port: int | None = None  # Connect, gRPC-Web and the web page (http_app.py); None = off, 0 = any free port
     grace_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     warmup: bool = True  # compile the common shapes before listening
     max_workers: int = 0  # RPC threads; 0 = enough for a full queue plus the running requests
@@ -336,8 +337,14 @@ class PaletteServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._grpc)
+        self._http = None
+        if config.http_port is not None:
+            from .http_app import HttpServer
+
+            self._http = HttpServer(self.core, self.authenticator, self.certificates, config, max_calls=workers)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._stopped = False
 
     @property
@@ -360,6 +367,8 @@ class PaletteServer:
             raise OSError(f"cannot listen on {address} (is the port in use?): {err}") from None
         if not self.port:
             raise OSError(f"cannot listen on {address} (is the port in use?)")
+        if self._http is not None:
+            self.http_port = self._http.bind()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.warmup:
@@ -368,10 +377,12 @@ class PaletteServer:
             log.info("warm-up done", extra={"seconds": round(time.monotonic() - started, 2)})
         self.core.start()
         self._grpc.start()
+        if self._http is not None:
+            self._http.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"address": self.address, "metrics_port": self.metrics_port,
-                                   "tls": self.certificates is not None,
+                                   "http_port": self.http_port, "tls": self.certificates is not None,
                                    "client_certificates": bool(self.config.tls_client_ca),
                                    "tokens": self.authenticator.token_file is not None})
         return self
@@ -389,6 +400,8 @@ class PaletteServer:
         self.core.stop_accepting()
         self.health.enter_graceful_shutdown()
         self.core.wait_idle(grace)
+        if self._http is not None:
+            self._http.stop(max(0.0, deadline - time.monotonic()))
         self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
         self.core.stop()
         self.metrics.close()
