@@ -3,11 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PORT   ?= 50051
+HTTP_PORT ?= 8080
 PROMPT ?= a red circle in the top left corner on a blue background
 OUT    ?= out
 REF    ?= ../shared/reference
 
-.PHONY: setup demo serve test conformance proto train-default eval bench clean
+.PHONY: setup demo serve test conformance proto web web-deps train-default eval bench clean
 
 # The environment is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -29,9 +30,10 @@ demo: setup
 	$(BIN)/palette --server 127.0.0.1:$(PORT) generate "$(PROMPT)" -n 8 --rank --seed 1 --out $(OUT)
 
 serve: setup
-	$(BIN)/palette serve --port $(PORT)
+	$(BIN)/palette serve --port $(PORT) --http-port $(HTTP_PORT)
 
-test: setup
+# The tests rebuild the web page when node is here, so they need web/node_modules (from the lock file).
+test: setup $(if $(shell command -v npm),web-deps)
 	$(BIN)/python -m pytest -q
 
 # The conformance suite alone, against another reference folder of the same format.
@@ -43,6 +45,18 @@ proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos --grpc_python_out=protos \
 	  --plugin=protoc-gen-connectrpc=$(BIN)/protoc-gen-connectrpc --connectrpc_out=protos \
 	  --connectrpc_opt=protobuf=google protos/palette/v1/palette.proto
+
+# The web page (server/web, shipped in the package) from web/: the TypeScript client generated from protos/,
+# a type check and one esbuild bundle. The committed files must be what this makes (tests/test_web.py).
+WEB_DEPS := web/node_modules/.package-lock.json
+$(WEB_DEPS): web/package-lock.json
+	cd web && npm ci --no-audit --no-fund
+	touch $@
+
+web-deps: $(WEB_DEPS)
+
+web: setup web-deps
+	cd web && PYTHON=$(abspath $(BIN)/python) node build.mjs
 
 # Train the embedded default model set from scratch (about an hour on 2 CPU cores).
 train-default: setup

@@ -214,6 +214,9 @@ def load_page() -> dict[str, StaticFile]:
     """The web page built by `make web` (shipped as package data in palette/server/web), by URL path."""
     files: dict[str, StaticFile] = {}
     root = importlib.resources.files("palette.server") / "web"
+    if not root.is_dir():
+        log.warning("the web page is missing from the package (make web builds it); the RPCs are served without it")
+        return files
     for entry in root.iterdir():
         suffix = "." + entry.name.rpartition(".")[2]
         if entry.is_file() and suffix in CONTENT_TYPES:
@@ -361,6 +364,7 @@ class HttpServer:
             # Beyond this many connections or calls uvicorn answers 503 (our queue limit refuses work first).
             limit_concurrency=self.max_calls,
             ssl_context_factory=(lambda _config, _default: certificates.ssl_context()) if certificates else None)
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its "server process" lines mislead here
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="palette-http", daemon=True)

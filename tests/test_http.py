@@ -199,3 +199,27 @@ def test_grpc_web(server):
     assert status == 200
     trailers = read_envelopes(body)[-1][1].decode()
     assert "grpc-status: 3" in trailers and "prompt%20is%20empty" in trailers
+
+
+# -- the page ---------------------------------------------------------------------------------------
+
+def test_the_page_is_served_from_the_package_and_needs_nothing_else(server):
+    with urllib.request.urlopen(url(server), timeout=10) as response:
+        html = response.read().decode()
+        assert response.headers["Content-Type"] == "text/html; charset=utf-8"
+        policy = response.headers["Content-Security-Policy"]
+        etag = response.headers["ETag"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy  # nothing from elsewhere
+    assert '<script src="app.js"' in html and 'href="app.css"' in html
+    assert "http://" not in html and "https://" not in html
+    for name, kind in (("app.js", "text/javascript"), ("app.css", "text/css")):
+        with urllib.request.urlopen(url(server) + name, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith(kind)
+            assert response.read()
+    request = urllib.request.Request(url(server), headers={"If-None-Match": etag})
+    with pytest.raises(urllib.error.HTTPError) as not_modified:
+        urllib.request.urlopen(request, timeout=10)
+    assert not_modified.value.code == 304
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(url(server) + "nothing-here", timeout=10)
+    assert missing.value.code == 404
