@@ -20,6 +20,17 @@ from palette.v1 import palette_pb2 as pb
 from server_fixtures import metric, running_server, slow_steps, wait_until
 
 
+def test_serve_takes_the_http_port(monkeypatch):
+    import palette.server.main
+    from palette.client import cli
+
+    seen = []
+    monkeypatch.setattr(palette.server.main, "run", lambda config_path, config, **options: seen.append(config) or 0)
+    assert cli.main(["serve", "--http-port", "8080"]) == 0
+    assert seen[0].http_port == 8080 and seen[0].host == "127.0.0.1"
+    assert cli.main(["serve"]) == 0 and seen[1].http_port is None  # off unless given
+
+
 def test_tokens_guard_the_rpcs_as_on_the_grpc_port_and_the_page_stays_open(tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("alice:alice-secret-token\n")
