@@ -331,10 +331,6 @@ class HttpServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def scheme(self) -> str:
-        return "https" if self.certificates is not None else "http"
-
     def bind(self) -> int:
         host = self.host.strip("[]")
         try:
