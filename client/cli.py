@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9464,
                    help="Prometheus /metrics HTTP port (default %(default)s; 0 = any free port)")
     p.add_argument("--no-metrics", action="store_true", help="do not serve /metrics")
+    p.add_argument("--http-port", type=int, metavar="PORT",
+                   help="also serve the web page at / and the API over Connect, gRPC-Web and JSON on this port "
+                        "(off unless given; same --host, TLS and tokens as the gRPC port; 0 = any free port)")
     p.add_argument("--num-slots", type=int, help="sampler rows decoded together (overrides the config)")
     p.add_argument("--chunk-steps", type=int, help="tokens per sampler step (overrides the config)")
     p.add_argument("--max-queue", type=int, default=64,
@@ -167,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if per_caller is None:
         per_caller = max(1, args.max_queue // 2) if (args.auth_tokens or args.tls_client_ca) else 0
     config = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
+                          http_port=args.http_port,
                           max_queued_requests=args.max_queue, max_queued_per_caller=per_caller,
                           max_wait_ms=args.max_wait_ms, grace_s=args.grace_s, warmup=not args.no_warmup,
                           tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,

@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from importlib import metadata
-from typing import Any, AsyncIterator, Iterable, Iterator
+from typing import Any, AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import grpc
 
@@ -158,6 +158,21 @@ class RankSession:
         except Exception:  # noqa: BLE001 - the source failed: the client left, or a fault
             self.abort(self.core.source_failure(self.call))
 
+    async def aread_all(self, images: AsyncIterable[bytes]) -> None:
+        """`read_all` for an asyncio source; each image is checked and decoded on a worker thread."""
+        import asyncio
+
+        try:
+            async for data in images:
+                if self.closed.is_set():
+                    return
+                await asyncio.to_thread(self.add, data)
+            self.finish()
+        except RpcFailure as failure:
+            self.abort(failure)
+        except Exception:  # noqa: BLE001 - the source failed: the client left, or a fault
+            self.abort(self.core.source_failure(self.call))
+
     def _scored(self, start: int, values: list[float]) -> Iterator[pb.RankResponse]:
         for offset, value in enumerate(values):
             self._scores[start + offset] = value
@@ -207,6 +222,21 @@ class RankSession:
                 raise
             for response in self._scored(start, values):
                 yield response
+
+
+def rank_prompt(first: pb.RankRequest | None) -> str:
+    """The prompt a Rank call's first message must carry."""
+    if first is None or first.WhichOneof("item") != "prompt":
+        raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
+    return first.prompt
+
+
+def rank_image(position: int, message: pb.RankRequest) -> bytes:
+    """The image that the Rank call's message number `position` (from 1, after the prompt) must carry."""
+    if message.WhichOneof("item") != "image":
+        raise InvalidArgument(f"message {position} carries no image: only the first message carries the prompt, "
+                              f"every later one exactly one image")
+    return message.image
 
 
 class PaletteCore:

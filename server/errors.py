@@ -41,3 +41,9 @@ class QueueFull(RpcFailure):
     def __init__(self, message: str, retry_after_ms: int):
         super().__init__(message, trailers=(("retry-after-ms", str(retry_after_ms)),))
         self.retry_after_ms = retry_after_ms
+
+
+def undecodable(type_name: str, error: Exception) -> InvalidArgument:
+    """The client sent bytes (or JSON) that are not a `type_name` message: its fault, never INTERNAL."""
+    return InvalidArgument(f"the {type_name} message could not be decoded ({error}); "
+                           f"check that strings are valid UTF-8 and the body is complete")

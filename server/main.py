@@ -68,7 +68,10 @@ def run(config_path: str | None, server_config: ServerConfig, log_format: str = 
         raise StartupError(str(err)) from None
     metrics = f", metrics on http://{server_config.host}:{server.metrics_port}/metrics" if server.metrics_port else ""
     scheme = "TLS" if server.certificates else "plaintext"
-    log.info(f"palette: serving on {server.address} ({scheme}){metrics}; Ctrl-C or SIGTERM to stop")
+    web = ""
+    if server.http_port:
+        web = f", the web page on {'https' if server.certificates else 'http'}://{server_config.host}:{server.http_port}/"
+    log.info(f"palette: serving on {server.address} ({scheme}){metrics}{web}; Ctrl-C or SIGTERM to stop")
     while not stop.wait(1.0):
         pass
     log.info("received %s: draining for up to %.0f s", signals[0], server_config.grace_s)

@@ -24,8 +24,8 @@ from palette.stages.pipeline import Pipeline
 from palette.v1 import palette_pb2 as pb
 
 from .auth import Authenticator, Caller
-from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore
-from .errors import InvalidArgument, RpcFailure
+from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore, rank_image, rank_prompt
+from .errors import RpcFailure, undecodable
 from .logs import request_id_from
 from .metrics import Metrics
 from .tls import CertificateFiles
@@ -45,6 +45,7 @@ class ServerConfig(CoreConfig):
     host: str = "127.0.0.1"
     port: int = 50051  # 0 = any free port (PaletteServer.port says which)
     metrics_port: int | None = 9464  # Prometheus /metrics; None = off, 0 = any free port
+    http_port: int | None = None  # Connect, gRPC-Web and the web page (http_app.py); None = off, 0 = any free port
     grace_s: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     warmup: bool = True  # compile the common shapes before listening
     max_workers: int = 0  # RPC threads; 0 = enough for a full queue plus the running requests
@@ -115,8 +116,7 @@ class _Undecodable:
     """What our deserializer returns for bytes that are not a valid message of the expected type."""
 
     def __init__(self, type_name: str, error: Exception):
-        self.failure = InvalidArgument(f"the {type_name} message could not be decoded ({error}); "
-                                       f"check that strings are valid UTF-8 and the body is complete")
+        self.failure = undecodable(type_name, error)
 
 
 def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
@@ -222,9 +222,7 @@ class PaletteServicer:
             first = next(request_iterator, None)
             if isinstance(first, _Undecodable):
                 raise first.failure
-            if first is None or first.WhichOneof("item") != "prompt":
-                raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
-            session = self.core.start_rank(first.prompt, call.record)
+            session = self.core.start_rank(rank_prompt(first), call.record)
             # A reader thread takes images in while this one streams scores out, so scores flow
             # back as soon as each batch is scored, even while the client is still sending.
             threading.Thread(target=session.read_all, args=(_rank_images(request_iterator),),
@@ -281,10 +279,7 @@ def _rank_images(request_iterator: Iterator[Any]) -> Iterator[bytes]:
     for position, message in enumerate(request_iterator, start=1):
         if isinstance(message, _Undecodable):
             raise message.failure
-        if message.WhichOneof("item") != "image":
-            raise InvalidArgument(f"message {position} carries no image: only the first message carries the prompt, "
-                                  f"every later one exactly one image")
-        yield message.image
+        yield rank_image(position, message)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
@@ -340,8 +335,14 @@ class PaletteServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self._grpc)
+        self._http = None
+        if config.http_port is not None:
+            from .http_app import HttpServer
+
+            self._http = HttpServer(self.core, self.authenticator, self.certificates, config, max_calls=workers)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
         self._stopped = False
 
     @property
@@ -364,6 +365,8 @@ class PaletteServer:
             raise OSError(f"cannot listen on {address} (is the port in use?): {err}") from None
         if not self.port:
             raise OSError(f"cannot listen on {address} (is the port in use?)")
+        if self._http is not None:
+            self.http_port = self._http.bind()
         if self.config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.config.metrics_port, self.config.host)
         if self.config.warmup:
@@ -372,10 +375,12 @@ class PaletteServer:
             log.info("warm-up done", extra={"seconds": round(time.monotonic() - started, 2)})
         self.core.start()
         self._grpc.start()
+        if self._http is not None:
+            self._http.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"address": self.address, "metrics_port": self.metrics_port,
-                                   "tls": self.certificates is not None,
+                                   "http_port": self.http_port, "tls": self.certificates is not None,
                                    "client_certificates": bool(self.config.tls_client_ca),
                                    "tokens": self.authenticator.token_file is not None})
         return self
@@ -393,6 +398,8 @@ class PaletteServer:
         self.core.stop_accepting()
         self.health.enter_graceful_shutdown()
         self.core.wait_idle(grace)
+        if self._http is not None:
+            self._http.stop(max(0.0, deadline - time.monotonic()))
         self._grpc.stop(max(0.0, deadline - time.monotonic())).wait()
         self.core.stop()
         self.metrics.close()

@@ -10,19 +10,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PROTOS = REPO / "protos"
-GENERATED = ("palette_pb2.py", "palette_pb2.pyi", "palette_pb2_grpc.py")
-REGENERATE = ("python -m grpc_tools.protoc -Iprotos --python_out=protos --pyi_out=protos "
-              "--grpc_python_out=protos protos/palette/v1/palette.proto")
+GENERATED = ("palette_pb2.py", "palette_pb2.pyi", "palette_pb2_grpc.py", "palette_connect.py")
+REGENERATE = "make proto"
 
 
 def test_generated_code_is_current(tmp_path):
     protoc = pytest.importorskip("grpc_tools.protoc", reason="grpcio-tools is in the dev extra")
+    plugin = Path(sys.executable).parent / "protoc-gen-connectrpc"
+    assert plugin.exists(), "protoc-gen-connectrpc (the dev extra) is not installed next to this Python"
     rc = protoc.main(["grpc_tools.protoc", f"-I{PROTOS}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
-                      f"--grpc_python_out={tmp_path}", str(PROTOS / "palette" / "v1" / "palette.proto")])
+                      f"--grpc_python_out={tmp_path}", f"--plugin=protoc-gen-connectrpc={plugin}",
+                      f"--connectrpc_out={tmp_path}", "--connectrpc_opt=protobuf=google",
+                      str(PROTOS / "palette" / "v1" / "palette.proto")])
     assert rc == 0, "protoc failed on palette.proto"
     stale = [name for name in GENERATED
              if (tmp_path / "palette" / "v1" / name).read_text() != (PROTOS / "palette" / "v1" / name).read_text()]
-    assert not stale, f"{stale} are out of date with palette.proto (or another grpcio-tools made them); run: {REGENERATE}"
+    assert not stale, (f"{stale} are out of date with palette.proto (or other grpcio-tools / protoc-gen-connectrpc "
+                       f"versions made them); run: {REGENERATE}")
 
 
 def test_client_imports_without_jax_or_numpy():
