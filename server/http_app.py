@@ -157,7 +157,7 @@ class PaletteConnect:
         with _ConnectCall(self, "Generate", ctx) as call:
             job = self.core.start_generate(_decoded(request), call.record)
             try:
-                async for message in self.core.agenerate_responses(job):
+                async for message in self.core.agenerate_responses(job, call.record):
                     yield message
             finally:
                 self.core.cancel(job)  # frees its rows if the client left or its deadline passed; else a no-op
