@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from . import shapes as S
 
@@ -112,66 +113,31 @@ def relation_between(a: DetectedObject, b: DetectedObject) -> str:
 
 
 # --------------------------------------------------------------------------
-# Connected components (numpy only)
+# Masks (scipy.ndimage)
 # --------------------------------------------------------------------------
 
-def _shift_min(lab: np.ndarray, big: int) -> np.ndarray:
-    p = np.pad(lab, 1, constant_values=big)
-    h, w = lab.shape
-    out = lab.copy()
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            np.minimum(out, p[dy:dy + h, dx:dx + w], out=out)
-    return out
+_EIGHT_NEIGHBOURS = np.ones((3, 3), bool)
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components of a boolean mask: (int32 labels with 0 = outside, 1..n in raster order, n)."""
-    mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    big = h * w
-    idx = np.arange(h * w, dtype=np.int64).reshape(h, w)
-    lab = np.where(mask, idx, big)
-    flat_fg = mask.reshape(-1)
-    while True:
-        new = _shift_min(lab, big)
-        new = np.where(mask, new, big)
-        # Pointer jumping: every label is the index of a foreground pixel; follow it.
-        flat = new.reshape(-1)
-        for _ in range(4):
-            jumped = flat.copy()
-            jumped[flat_fg] = flat[flat[flat_fg]]
-            flat = jumped
-        new = flat.reshape(h, w)
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    roots = np.unique(lab[mask])
-    out = np.zeros((h, w), dtype=np.int32)
-    if roots.size:
-        out[mask] = (np.searchsorted(roots, lab[mask]) + 1).astype(np.int32)
-    return out, int(roots.size)
+    labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_NEIGHBOURS)
+    return labels.astype(np.int32), int(n)
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
-    p = np.pad(mask, 1, constant_values=False)
-    h, w = mask.shape
-    return mask & p[:h, 1:w + 1] & p[2:, 1:w + 1] & p[1:h + 1, :w] & p[1:h + 1, 2:]
+    """`mask` less every cell with a 4-neighbour outside it (outside the image counts as outside)."""
+    return ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
 
 
 def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
     """`mask` grown by `steps` cells in all 8 directions over its last two axes (nothing enters from
     outside); leading axes are a batch."""
-    h, w = mask.shape[-2:]
-    border = [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)]
-    for _ in range(steps):
-        p = np.pad(mask, border, constant_values=False)
-        out = mask.copy()
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                out |= p[..., dy:dy + h, dx:dx + w]
-        mask = out
-    return mask
+    mask = np.asarray(mask, dtype=bool)
+    if steps == 0:
+        return mask.copy()
+    square = np.ones((1,) * (mask.ndim - 2) + (2 * steps + 1, 2 * steps + 1), bool)
+    return ndimage.binary_dilation(mask, structure=square)
 
 
 # --------------------------------------------------------------------------
@@ -189,13 +155,8 @@ def _normalise(mask: np.ndarray) -> np.ndarray | None:
 
 
 def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a 2-D float array (edges replicated)."""
-    r = max(1, int(np.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    p = np.pad(x, r, mode="edge")
-    p = sum(k[i] * p[i:i + x.shape[0], :] for i in range(2 * r + 1))
-    return sum(k[i] * p[:, i:i + x.shape[1]] for i in range(2 * r + 1))
+    """Gaussian blur of a 2-D float array over max(1, ceil(3 sigma)) pixels each side (edges replicated)."""
+    return ndimage.gaussian_filter(x, sigma, mode="nearest", radius=max(1, int(np.ceil(3 * sigma))))
 
 
 #: Blur levels (Gaussian sigma, in pixels of the analysed image) the templates are rendered at: sharp,
