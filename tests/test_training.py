@@ -406,17 +406,6 @@ def test_corrupt_codes_spoil_the_object_and_its_surroundings_only():
             assert np.min(np.maximum(np.abs(rows - r), np.abs(cols - c))) <= 3
 
 
-def test_clip_pixels_match_the_preprocessor(tokenizers, pool):
-    from PIL import Image
-
-    from palette.stages.clip_processing import CLIPImagePreprocessor
-
-    out, _, _ = tokenizers
-    pre = CLIPImagePreprocessor.from_pretrained(out / "clip")
-    ims = pool.images[:3]
-    np.testing.assert_allclose(T.clip_pixels(pre, ims), pre([Image.fromarray(i) for i in ims]), atol=1e-6)
-
-
 def test_pool_is_deterministic_and_excludes_heldout():
     a, b = T.make_pool(3, 50, size=SIDE), T.make_pool(3, 50, size=SIDE)
     assert np.array_equal(a.images, b.images) and a.scenes == b.scenes

@@ -100,7 +100,7 @@ def retrieval_accuracy(scorer, images: np.ndarray, scenes: Sequence[S.SceneSpec]
     for image, scene in zip(images, scenes):
         captions = [S.caption(scene, full=True)] + distractor_captions(scene, rng)
         text = scorer.tokenizer(captions, pad_to_max_length=True)
-        pixels = scorer.image_processor([Image.fromarray(image)])
+        pixels = scorer.pixels([Image.fromarray(image)])
         t = np.asarray(scorer.model.encode_text(text["input_ids"], text["attention_mask"]))
         v = np.asarray(scorer.model.encode_image(pixels))
         sims = (t @ v[0])

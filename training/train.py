@@ -706,26 +706,6 @@ def train_dallebart(
 # --------------------------------------------------------------------------- CLIP
 
 
-def clip_pixels(preprocessor, images: np.ndarray) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> the preprocessor's float32 NCHW pixels.
-
-    When the images already have the preprocessor's output size, resize and crop are
-    identities and this is the same arithmetic without PIL (checked by the trainer).
-    """
-    hw = preprocessor.output_hw
-    if hw != images.shape[1:3]:
-        from PIL import Image
-
-        return preprocessor([Image.fromarray(im) for im in images])
-    out = images.astype(np.float64) * preprocessor.rescale_factor if preprocessor.do_rescale else images
-    out = out.astype(np.float32).transpose(0, 3, 1, 2)
-    if preprocessor.do_normalize:
-        mean = np.asarray(preprocessor.image_mean, np.float32)[None, :, None, None]
-        std = np.asarray(preprocessor.image_std, np.float32)[None, :, None, None]
-        out = (out - mean) / std
-    return out.astype(np.float32)
-
-
 #: A one-object scene's attributes and their values.
 SCENE_ATTRIBUTES = {"shape": S.SHAPES, "colour": S.COLOUR_NAMES, "size": S.SIZES, "position": S.POSITION_NAMES,
                     "background": S.BACKGROUNDS}
@@ -835,18 +815,12 @@ def train_clip(
     "Attribute heads" has the figures).
     Needs the tokenizer and preprocessor_config.json in `<out_dir>/clip`; writes the weights there.
     """
-    from PIL import Image
-
-    from palette.stages.clip_processing import CLIPImagePreprocessor, CLIPTextTokenizer
+    from palette.stages.clip_processing import CLIPTextTokenizer, image_processor, pixel_values
 
     out_dir, run_dir = Path(out_dir), Path(run_dir)
     folder = out_dir / "clip"
     tokenizer = CLIPTextTokenizer.from_pretrained(folder, max_length=config.text_config.max_position_embeddings)
-    preprocessor = CLIPImagePreprocessor.from_pretrained(folder, image_size=config.vision_config.image_size)
-    probe = pool.images[:2]
-    if not np.allclose(clip_pixels(preprocessor, probe), preprocessor([Image.fromarray(im) for im in probe]),
-                       atol=1e-5):
-        raise AssertionError("clip_pixels disagrees with the CLIP preprocessor")
+    preprocessor = image_processor(folder, image_size=config.vision_config.image_size)
     clip = CLIP.init_random(config, loop.seed)
     if grid_positions:
         vcfg = config.vision_config
@@ -884,7 +858,7 @@ def train_clip(
             spoilt = np.concatenate([own, rng.integers(0, n_neg, k_neg - len(own))])
             images = np.concatenate([images, negatives[spoilt]])
         return (jnp.asarray(text["input_ids"]), jnp.asarray(text["attention_mask"]),
-                jnp.asarray(clip_pixels(preprocessor, images)), jnp.asarray(image_labels), jnp.asarray(text_labels))
+                jnp.asarray(pixel_values(preprocessor, images)), jnp.asarray(image_labels), jnp.asarray(text_labels))
 
     def loss_fn(params, ids, mask, pixels, image_labels, text_labels):
         weights = params["clip"] if attribute_weight else params
