@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from palette.stages.clip_processing import CLIPTextTokenizer, image_processor, output_hw, pixel_values
+from palette.stages.models import clip
 from palette.stages.models.clip import CLIP
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
@@ -49,11 +50,10 @@ class CLIPScorer:
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.buckets = buckets
-        module = model.module
+        config = model.config
 
         def score_fn(params: Any, input_ids: jax.Array, attention_mask: jax.Array, pixels: jax.Array) -> jax.Array:
-            out = module.apply({"params": params}, input_ids, attention_mask, pixels)
-            return out["logits_per_image"][:, 0]
+            return clip.forward(params, input_ids, attention_mask, pixels, config)["logits_per_image"][:, 0]
 
         self._score = jax.jit(score_fn)
 

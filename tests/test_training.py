@@ -153,6 +153,27 @@ def test_vqgan_trainer_lowers_loss_and_round_trips(tmp_path, pool, vocabulary):
     assert T.is_done(tmp_path / "run")
 
 
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_convs_train_with_the_same_gradients_as_xla_convs(stride):
+    # Convs with >= 64 input channels take their kernel gradient as an im2col matmul (faster on
+    # XLA:CPU); the values and both gradients must be those of the plain convolution.
+    c = T.MATMUL_WGRAD_MIN_CHANNELS
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 9, c))
+    kernel = 0.1 * jax.random.normal(jax.random.PRNGKey(1), (3, 3, c, 5))
+    pads = ((1, 1), (1, 1)) if stride == 1 else ((0, 1), (0, 1))
+    target = jax.random.normal(jax.random.PRNGKey(2), (2, 9, 9, 5))
+
+    def loss(conv, x, kernel):
+        y = conv(x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.sin(y) * target[:, : y.shape[1], : y.shape[2]])
+
+    ours = jax.value_and_grad(lambda x, k: loss(T.matmul_wgrad_conv, x, k), argnums=(0, 1))(x, kernel)
+    xla = jax.value_and_grad(lambda x, k: loss(jax.lax.conv_general_dilated, x, k), argnums=(0, 1))(x, kernel)
+    np.testing.assert_allclose(ours[0], xla[0], rtol=1e-5)
+    for a, b in zip(ours[1], xla[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_the_product_codebook_finds_the_nearest_code_part_by_part(vocabulary):
     rng = np.random.default_rng(0)
     parts = {name: jnp.asarray(rng.normal(size=(n, d)), jnp.float32)
@@ -336,6 +357,25 @@ def test_clip_trainer_attribute_heads_learn_and_are_left_out_of_the_saved_model(
     assert (labels[one] >= 0).all() and (labels[~one] == -1).all()
     first = pool.scenes[int(np.flatnonzero(one)[0])]
     assert S.SHAPES[labels[int(np.flatnonzero(one)[0]), 1]] == first.objects[0].shape
+
+
+def test_clip_loss_takes_negative_images_as_extra_columns():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
+    square = float(T.clip_loss(logits))
+    expected = 0.5 * (float(_diagonal_cross_entropy(logits)) + float(_diagonal_cross_entropy(logits.T)))
+    assert np.isclose(square, expected, atol=1e-6)
+    # A negative image that every text likes a lot costs; one they all dislike costs next to nothing.
+    liked = jnp.concatenate([logits, jnp.full((4, 1), 10.0)], axis=1)
+    disliked = jnp.concatenate([logits, jnp.full((4, 1), -30.0)], axis=1)
+    assert float(T.clip_loss(liked)) > square + 1.0
+    assert np.isclose(float(T.clip_loss(disliked)), square, atol=1e-4)
+
+
+def _diagonal_cross_entropy(x):
+    """Mean cross-entropy of each row against the diagonal, written out."""
+    x = np.asarray(x, np.float64)
+    log_p = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return -np.mean(np.diag(log_p))
 
 
 def _drift_inputs(pool):

@@ -21,6 +21,7 @@ model-set folder laid out by `model_set`: `vqgan/`, `dallebart/`, `clip/`, `pipe
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -35,9 +36,11 @@ import numpy as np
 import optax
 from flax import serialization
 
+from palette.stages.models import clip as clip_model
 from palette.stages.models import dallebart as DB
-from palette.stages.models.clip import CLIP, CLIPConfig, clip_loss
-from palette.stages.models.vqgan import VQGAN, VQGANConfig, VQModel
+from palette.stages.models import vqgan as vqgan_model
+from palette.stages.models.clip import CLIP, CLIPConfig
+from palette.stages.models.vqgan import VQGAN, VQGANConfig
 
 from . import analyse as A
 from . import model_set as M
@@ -288,6 +291,52 @@ def near_object_pixels(images: np.ndarray, radius: int = 2) -> np.ndarray:
 # --------------------------------------------------------------------------- VQGAN
 
 
+#: Input channels from which a convolution's kernel gradient is taken as one matmul (`matmul_wgrad_conv`).
+MATMUL_WGRAD_MIN_CHANNELS = 64
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_matmul_wgrad(x, kernel, strides, padding):
+    """A plain NHWC/HWIO convolution whose kernel gradient is an im2col matmul.
+
+    The forward pass is `lax.conv_general_dilated` itself. Only the backward pass differs:
+    XLA:CPU's own kernel gradient of a 64-channel 3x3 conv runs about 3x slower than the same
+    contraction written as [k*k*C_in, N] @ [N, C_out], and that gradient dominates a VQGAN
+    training step on the CPU. Same numbers up to float rounding.
+    """
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _conv_matmul_wgrad_fwd(x, kernel, strides, padding):
+    return _conv_matmul_wgrad(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_matmul_wgrad_bwd(strides, padding, residuals, g):
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    conv_of_x = lambda x_: jax.lax.conv_general_dilated(  # noqa: E731
+        x_, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    (dx,) = jax.vjp(conv_of_x, x)[1](g)
+    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+    ho, wo = g.shape[1], g.shape[2]
+    sh, sw = strides
+    cols = jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
+                            for i in range(kh) for j in range(kw)], axis=-1)
+    dk = jnp.dot(cols.reshape(-1, kh * kw * cin).T, g.reshape(-1, cout))
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv_matmul_wgrad.defvjp(_conv_matmul_wgrad_fwd, _conv_matmul_wgrad_bwd)
+
+
+def matmul_wgrad_conv(x, kernel, strides, padding, dimension_numbers):
+    """The VQGAN's `conv_op` in training: convolutions of `MATMUL_WGRAD_MIN_CHANNELS` or more input
+    channels take their kernel gradient as one matmul (`_conv_matmul_wgrad`), the rest are XLA's own."""
+    if kernel.shape[2] >= MATMUL_WGRAD_MIN_CHANNELS:
+        return _conv_matmul_wgrad(x, kernel, tuple(strides), tuple(tuple(int(v) for v in p) for p in padding))
+    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=dimension_numbers)
+
+
 #: Codebook part widths (mask, object colour, background colour): embed_dim is their sum.
 PART_DIMS = (16, 4, 4)
 
@@ -338,7 +387,6 @@ def train_vqgan(
     if config.n_embed != vocabulary.size or config.embed_dim != sum(PART_DIMS):
         raise ValueError(f"VQGAN config needs n_embed={vocabulary.size} and embed_dim={sum(PART_DIMS)}")
     vq = VQGAN.init_random(config, loop.seed)
-    module = vq.module
     n = len(pool)
     grid = config.latent_size
     codes = np.asarray(codes, np.int32).reshape(n, grid, grid)
@@ -360,9 +408,9 @@ def train_vqgan(
     def loss_fn(p, images, target, weights):
         table = product_codebook(p["parts"], vocabulary)
         full = {**p["net"], "quantize": {"embedding": {"embedding": table}}}
-        z = module.apply({"params": full}, images, method=VQModel.encode_latents).astype(jnp.float32)
+        z = vqgan_model.encode_latents(full, images, config, matmul_wgrad_conv).astype(jnp.float32)
         e = jnp.take(table, target, axis=0)
-        rec = module.apply({"params": full}, e, method=VQModel.decode).astype(jnp.float32)
+        rec = vqgan_model.decode(full, e, config, matmul_wgrad_conv).astype(jnp.float32)
         l1 = jnp.mean(weights * jnp.abs(rec - images))
         l2 = jnp.mean(weights * (rec - images) ** 2)
         code_ce, hits = 0.0, 1.0
@@ -757,6 +805,23 @@ def scene_attribute_labels(scenes) -> np.ndarray:
     return out
 
 
+def clip_loss(logits_per_text: jax.Array) -> jax.Array:
+    """Mean of the text->image and image->text cross-entropies with the diagonal as targets.
+
+    Logits may be [B, B + K]: the last K columns are then images no text describes (negatives).
+    Each text's cross-entropy runs over all B + K images; the image->text term over the B
+    described images only, since the K others have no right text.
+    """
+    logits = logits_per_text.astype(jnp.float32)
+    n = logits.shape[0]
+    labels = jnp.arange(n)
+
+    def cross_entropy(x: jax.Array) -> jax.Array:
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), labels[:, None], axis=-1))
+
+    return 0.5 * (cross_entropy(logits) + cross_entropy(logits[:, :n].T))
+
+
 def attribute_loss(heads: dict, embeds: jax.Array, labels: jax.Array) -> jax.Array:
     """Sum over attributes of the mean cross-entropy of `labels` (-1: skipped) read from unit
     `embeds` by the `heads` (one [D, values] matrix per ATTRIBUTE_HEADS entry): cosine to each
@@ -828,7 +893,6 @@ def train_clip(
         table = grid_position_embeddings(side, vcfg.hidden_size, vcfg.initializer_range * vcfg.initializer_factor)
         emb = clip.params["vision_model"]["embeddings"]["position_embedding"]
         emb["embedding"] = emb["embedding"].at[1:].set(jnp.asarray(table))  # row 0: the class token
-    module = clip.module
     n, b = len(pool), loop.batch_size
     n_recon = 0 if reconstructions is None else len(reconstructions)
     neighbours = one_attribute_neighbours(pool.scenes)
@@ -862,7 +926,7 @@ def train_clip(
 
     def loss_fn(params, ids, mask, pixels, image_labels, text_labels):
         weights = params["clip"] if attribute_weight else params
-        out = module.apply({"params": weights}, ids, mask, pixels)
+        out = clip_model.forward(weights, ids, mask, pixels, config)
         logits = out["logits_per_text"]  # [b, b + negatives]: the extra columns match no caption
         acc = jnp.mean(jnp.argmax(logits, -1) == jnp.arange(logits.shape[0]))
         loss, metrics = clip_loss(logits), {"batch_accuracy": acc, "logit_scale": weights["logit_scale"]}
