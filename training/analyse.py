@@ -44,17 +44,17 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from . import shapes as S
+from . import shapes
 
-_PALETTE = np.asarray([S.COLOURS[c] for c in S.COLOUR_NAMES], dtype=np.float32)
+_PALETTE = np.asarray([shapes.COLOURS[c] for c in shapes.COLOUR_NAMES], dtype=np.float32)
 _TEMPLATE_SIDE = 20
 #: Components smaller than this fraction of the image are specks, not objects.
 #: (The smallest object the generator draws, a small star, covers ~1.7 %.)
 MIN_AREA_FRACTION = 0.004
 #: Box side (fraction of the image side) between the two sizes.
-SIZE_THRESHOLD = S.HALF_EXTENT["small"] + S.HALF_EXTENT["large"]
+SIZE_THRESHOLD = shapes.HALF_EXTENT["small"] + shapes.HALF_EXTENT["large"]
 #: Grid cell boundaries: half-way between neighbouring grid centres.
-_CELL_EDGES = tuple((a + b) / 2 for a, b in zip(S.GRID_CENTRES[:-1], S.GRID_CENTRES[1:]))
+_CELL_EDGES = tuple((a + b) / 2 for a, b in zip(shapes.GRID_CENTRES[:-1], shapes.GRID_CENTRES[1:]))
 
 
 @dataclass(frozen=True)
@@ -94,11 +94,11 @@ class Analysis:
             return None
         return relation_between(self.objects[0], self.objects[1])
 
-    def as_scene(self) -> S.SceneSpec | None:
+    def as_scene(self) -> shapes.SceneSpec | None:
         """The analysis as a SceneSpec, or None if it is not one the generator could make."""
         try:
-            objs = tuple(S.ObjectSpec(o.shape, o.colour, o.size, o.position) for o in self.objects)
-            return S.SceneSpec(objs, self.background, self.relation)
+            objs = tuple(shapes.ObjectSpec(o.shape, o.colour, o.size, o.position) for o in self.objects)
+            return shapes.SceneSpec(objs, self.background, self.relation)
         except ValueError:
             return None
 
@@ -173,13 +173,13 @@ def _templates(side: int) -> tuple[np.ndarray, tuple[str, ...]]:
     canvas = min(side, _TEMPLATE_MAX_SIDE)
     # Antialiased, and hard-edged as the generator renders by default (pixel centres tested).
     rasters = (1, 4) if canvas <= 64 else (2,)
-    for shape in S.SHAPES:
-        for size in S.SIZES:
-            for scale in (1.0 - S.SCALE_JITTER, 1.0, 1.0 + S.SCALE_JITTER):
+    for shape in shapes.SHAPES:
+        for size in shapes.SIZES:
+            for scale in (1.0 - shapes.SCALE_JITTER, 1.0, 1.0 + shapes.SCALE_JITTER):
                 for phase, ss in itertools.product((0.0, 0.25, 0.5), rasters):
-                    half = S.HALF_EXTENT[size] * scale * canvas
+                    half = shapes.HALF_EXTENT[size] * scale * canvas
                     c = canvas / 2 + phase
-                    cov = S.coverage(shape, (c, c + phase / 2), half, canvas, supersample=ss)
+                    cov = shapes.coverage(shape, (c, c + phase / 2), half, canvas, supersample=ss)
                     for blur in TEMPLATE_BLURS:
                         soft = _blur(cov, blur * canvas / side) if blur > 0 else cov
                         t = _normalise(soft >= 0.5)
@@ -192,14 +192,14 @@ def _templates(side: int) -> tuple[np.ndarray, tuple[str, ...]]:
 @functools.lru_cache(maxsize=None)
 def shape_fill(shape: str) -> float:
     """Fraction of its bounding box that `shape` covers."""
-    return float(S.coverage(shape, (128.0, 128.0), 100.0, 256).sum() / 200.0**2)
+    return float(shapes.coverage(shape, (128.0, 128.0), 100.0, 256).sum() / 200.0**2)
 
 
 def classify_shape(mask: np.ndarray, side: int) -> tuple[str, float]:
     """Nearest template shape of a binary object mask, with its mean absolute distance."""
     t = _normalise(mask)
     if t is None:
-        return S.SHAPES[0], 1.0
+        return shapes.SHAPES[0], 1.0
     temps, names = _templates(int(side))
     d = np.abs(temps - t[None]).mean(axis=(1, 2))
     best = {}
@@ -217,7 +217,7 @@ def classify_shape(mask: np.ndarray, side: int) -> tuple[str, float]:
 def _position(cx: float, cy: float) -> str:
     col = int(np.searchsorted(_CELL_EDGES, cx))
     row = int(np.searchsorted(_CELL_EDGES, cy))
-    return S._POSITION_AT[(col, row)]
+    return shapes._POSITION_AT[(col, row)]
 
 
 def _object_colour(pixels: np.ndarray, bg: int) -> int:
@@ -341,7 +341,7 @@ def analyse(image: np.ndarray, *, max_objects: int = 8) -> Analysis:
         # Size from area: blur eats a star's points (and its box) but hardly its area.
         equivalent = float(np.sqrt(mask.sum() / shape_fill(shape) / (h * w)))
         objects.append(DetectedObject(
-            colour=S.COLOUR_NAMES[k],
+            colour=shapes.COLOUR_NAMES[k],
             shape=shape,
             size="large" if equivalent >= SIZE_THRESHOLD else "small",
             position=_position(cx, cy),
@@ -355,7 +355,7 @@ def analyse(image: np.ndarray, *, max_objects: int = 8) -> Analysis:
         ))
         if len(objects) >= max_objects:
             break
-    return Analysis(S.COLOUR_NAMES[bg], tuple(objects), (h, w), float(counts[bg] / (h * w)))
+    return Analysis(shapes.COLOUR_NAMES[bg], tuple(objects), (h, w), float(counts[bg] / (h * w)))
 
 
 # --------------------------------------------------------------------------
@@ -365,7 +365,7 @@ def analyse(image: np.ndarray, *, max_objects: int = 8) -> Analysis:
 _OBJECT_ATTRS = ("colour", "shape", "size", "position")
 
 
-def _match(detected: Sequence[DetectedObject], expected: Sequence[S.ObjectSpec]) -> list[int | None]:
+def _match(detected: Sequence[DetectedObject], expected: Sequence[shapes.ObjectSpec]) -> list[int | None]:
     """For each expected object, the index of its detected object (or None), maximising agreement."""
     cand = list(range(min(len(detected), 6)))
     k = min(len(cand), len(expected))
@@ -379,7 +379,7 @@ def _match(detected: Sequence[DetectedObject], expected: Sequence[S.ObjectSpec])
     return best
 
 
-def score(analysis: Analysis, scene: S.SceneSpec, attributes: Iterable[str] | None = None) -> dict[str, bool | None]:
+def score(analysis: Analysis, scene: shapes.SceneSpec, attributes: Iterable[str] | None = None) -> dict[str, bool | None]:
     """Per-attribute correctness of an analysis against the scene it should show.
 
     Keys: "count" (as many objects found as the scene has), "background",
@@ -389,8 +389,8 @@ def score(analysis: Analysis, scene: S.SceneSpec, attributes: Iterable[str] | No
     `attributes` (default: all of `shapes.ATTRIBUTES`; pass an `EvalPrompt.mentioned`
     to score only what a prompt states).
     """
-    wanted = set(S.ATTRIBUTES if attributes is None else attributes)
-    unknown = wanted - set(S.ATTRIBUTES)
+    wanted = set(shapes.ATTRIBUTES if attributes is None else attributes)
+    unknown = wanted - set(shapes.ATTRIBUTES)
     if unknown:
         raise ValueError(f"unknown attributes {sorted(unknown)}")
     det = analysis.objects
