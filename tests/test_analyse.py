@@ -55,7 +55,8 @@ def test_analyse_is_deterministic():
 
 def test_reads_a_known_scene():
     scene = shapes.SceneSpec(
-        (shapes.ObjectSpec("star", "yellow", "large", "top left"), shapes.ObjectSpec("ring", "purple", "small", "top right")),
+        (shapes.ObjectSpec("star", "yellow", "large", "top left"),
+         shapes.ObjectSpec("ring", "purple", "small", "top right")),
         "black", "left of",
     )
     a = analyse.analyse(shapes.render(scene))

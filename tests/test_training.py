@@ -14,7 +14,7 @@ import pytest
 from palette.stages.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 from palette.stages.models.dallebart import DalleBart, DalleBartConfig
 from palette.stages.models.vqgan import VQGAN, VQGANConfig
-from palette.training import evaluate, model_set, negatives, patch_codes, recipe, shapes
+from palette.training import evaluate, model_set, patch_codes, recipe, shapes
 from palette.training.cli import build_parser
 from palette.training.clip_trainer import (
     clip_loss,
@@ -35,6 +35,7 @@ from palette.training.loop import (
     make_optimizer,
     run_loop,
 )
+from palette.training.negatives import allowed_colours, corrupt_codes, drift_colours
 from palette.training.pool import code_onsets, make_pool, near_object_pixels, object_token_mask, tokenizer_corpus
 from palette.training.vqgan_trainer import (
     MATMUL_WGRAD_MIN_CHANNELS,
@@ -386,14 +387,14 @@ def _drift_inputs(pool):
     """(vocabulary, codes, is_object, allowed colours) of a pool, as `clip_images` hands them to `drift_colours`."""
     vocabulary = patch_codes.PatchVocabulary.for_images(64, 16)
     codes = patch_codes.patch_codes(pool.images, pool.scenes, vocabulary)
-    return vocabulary, codes, object_token_mask(pool.images, 16), negatives.allowed_colours(pool.scenes)
+    return vocabulary, codes, object_token_mask(pool.images, 16), allowed_colours(pool.scenes)
 
 
 def test_drift_colours_switches_one_colour_from_a_point_on():
     pool = make_pool(4, 40, two_objects_prob=0.0)
     vocabulary, codes, is_object, allowed = _drift_inputs(pool)
-    drifted = negatives.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5, allowed=allowed)
-    assert np.array_equal(drifted, negatives.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5,
+    drifted = drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5, allowed=allowed)
+    assert np.array_equal(drifted, drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.5,
                                                    allowed=allowed))
     changed = (drifted != codes).any(axis=1)
     assert 0.25 < changed.mean() < 0.75
@@ -408,7 +409,7 @@ def test_drift_colours_switches_one_colour_from_a_point_on():
         assert len(set(new[cut:].tolist())) == 1 and np.array_equal(old[:cut], new[:cut])  # one colour from the cut on
         kinds.add(kind)
     assert kinds == {"object", "background"}
-    assert np.array_equal(negatives.drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.0,
+    assert np.array_equal(drift_colours(codes, is_object, vocabulary, np.random.default_rng(3), share=0.0,
                                           allowed=allowed), codes)
 
 
@@ -417,7 +418,7 @@ def test_drifting_objects_never_take_a_held_out_colour():
     vocabulary, codes, is_object, allowed = _drift_inputs(pool)
     square = [i for i, s in enumerate(pool.scenes) if any(o.shape == "square" for o in s.objects)]
     assert not allowed[square, shapes.COLOUR_NAMES.index("yellow")].any()  # ("yellow", "square") is held out
-    drifted = negatives.drift_colours(codes, is_object, vocabulary, np.random.default_rng(0), share=1.0, allowed=allowed)
+    drifted = drift_colours(codes, is_object, vocabulary, np.random.default_rng(0), share=1.0, allowed=allowed)
     seen_colours = set()
     for i in np.flatnonzero((drifted != codes).any(axis=1)):
         _, before, _ = vocabulary.factors(codes[i])
@@ -437,9 +438,9 @@ def test_corrupt_codes_spoil_the_object_and_its_surroundings_only():
     codes = codes.reshape(len(pool), grid * grid)
     is_object = object_token_mask(pool.images, grid)
     empty = np.zeros((1, grid * grid), bool)
-    spoilt = negatives.corrupt_codes(codes, is_object, np.random.default_rng(1))
-    assert np.array_equal(spoilt, negatives.corrupt_codes(codes, is_object, np.random.default_rng(1)))
-    assert np.array_equal(negatives.corrupt_codes(codes[:1], empty, np.random.default_rng(1)), codes[:1])
+    spoilt = corrupt_codes(codes, is_object, np.random.default_rng(1))
+    assert np.array_equal(spoilt, corrupt_codes(codes, is_object, np.random.default_rng(1)))
+    assert np.array_equal(corrupt_codes(codes[:1], empty, np.random.default_rng(1)), codes[:1])
     for before, after, obj in zip(codes, spoilt, is_object):
         changed = before != after
         assert changed.any()

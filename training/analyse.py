@@ -379,7 +379,8 @@ def _match(detected: Sequence[DetectedObject], expected: Sequence[shapes.ObjectS
     return best
 
 
-def score(analysis: Analysis, scene: shapes.SceneSpec, attributes: Iterable[str] | None = None) -> dict[str, bool | None]:
+def score(analysis: Analysis, scene: shapes.SceneSpec,
+          attributes: Iterable[str] | None = None) -> dict[str, bool | None]:
     """Per-attribute correctness of an analysis against the scene it should show.
 
     Keys: "count" (as many objects found as the scene has), "background",

@@ -33,8 +33,8 @@ ATTRIBUTE_WEIGHT = 1.0
 
 
 #: A one-object scene's attributes and their values.
-SCENE_ATTRIBUTES = {"shape": shapes.SHAPES, "colour": shapes.COLOUR_NAMES, "size": shapes.SIZES, "position": shapes.POSITION_NAMES,
-                    "background": shapes.BACKGROUNDS}
+SCENE_ATTRIBUTES = {"shape": shapes.SHAPES, "colour": shapes.COLOUR_NAMES, "size": shapes.SIZES,
+                    "position": shapes.POSITION_NAMES, "background": shapes.BACKGROUNDS}
 
 
 def scene_attributes(scene: shapes.SceneSpec) -> dict[str, str]:
