@@ -1,4 +1,4 @@
-"""Reading and writing released-format checkpoints.
+"""Reading and writing released-format checkpoints, and the one load path of the three networks.
 
 A model folder holds `config.json` and `flax_model.msgpack` exactly as
 `save_pretrained` writes them (plus tokenizer files for text models). The
@@ -6,6 +6,14 @@ msgpack file is `flax.serialization.to_bytes(params)`: nested string-keyed maps
 whose leaves are numpy arrays. We decode it with flax's own msgpack reader, so
 every layout the released checkpoints use (ext-type ndarrays, chunked arrays)
 is handled by the library that wrote it.
+
+`Pretrained` is what DalleBart, VQGAN and CLIP share: a config and a parameter
+tree, `from_pretrained` (read the config, read the tree, check it against the
+shapes the config implies, cast and place it), `init_random` and
+`save_pretrained`. The dtype rule is the same for all three: floating
+parameters are held in the compute dtype (cast once at load), so the forward
+pass computes in the dtype of its parameters; norms, softmaxes and distances
+are taken in float32 inside the model functions.
 
 A model reference is either a local folder or a Hugging Face hub id. Hub ids
 are resolved through `huggingface_hub`: the local cache first when offline,
@@ -30,6 +38,18 @@ WEIGHTS_FILE = "flax_model.msgpack"
 
 class CheckpointError(RuntimeError):
     """A model folder or hub id could not be read; the message says why."""
+
+
+class UnsupportedConfigError(CheckpointError, ValueError):
+    """A config asks for a variant of an architecture that Palette does not compute, or is inconsistent."""
+
+
+def known_fields(cls: type, raw: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a config.json dict that are fields of the config dataclass `cls`."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in raw.items() if k in names}
 
 
 def resolve_model_dir(ref: str | os.PathLike) -> Path:
@@ -144,11 +164,17 @@ def _to_numpy(tree: Any) -> Any:
 
 
 def cast_leaf(x: Any, dtype: Any) -> np.ndarray:
-    """A floating array cast to `dtype` (a numpy dtype or 'bfloat16'); integer arrays unchanged."""
+    """A floating array cast to `dtype` (a numpy dtype or 'bfloat16'); integer arrays unchanged.
+
+    A 0-d float (CLIP's logit_scale) is kept in float32: it is a scale, not a weight, and
+    rounding it to bfloat16 would rescale every score by up to 1.6 %.
+    """
     import jax.numpy as jnp
 
     arr = np.asarray(x)
     if np.issubdtype(arr.dtype, np.floating) or arr.dtype == jnp.bfloat16:
+        if arr.ndim == 0:
+            return arr.astype(np.float32)
         return arr.astype(jnp.bfloat16 if dtype == "bfloat16" else dtype, copy=False)
     return arr
 
@@ -188,3 +214,75 @@ def check_tree(expected: Mapping[str, Any], got: Mapping[str, Any], what: str) -
         if shapes:
             parts.append(f"wrong shapes {shapes[:8]}")
         raise CheckpointError(f"{what}: parameters do not match the config: " + "; ".join(parts))
+
+
+class Pretrained:
+    """A network's `config` and run-time `params` (a plain nested dict, the released names).
+
+    A subclass names its `config_class` and gives `param_shapes(config)` (the tree the config
+    implies) and `init_params(config, seed)`; one whose released layout differs from its run-time
+    layout (DalleBart's scanned layers) overrides `runtime_layout`, `place` and `released_layout`.
+    """
+
+    config_class: type
+
+    def __init__(self, config: Any, params: dict[str, Any], source: str | None = None):
+        self.config = config
+        self.params = params
+        self.source = source
+
+    @staticmethod
+    def param_shapes(config: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @staticmethod
+    def init_params(config: Any, seed: int = 0) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def dtype(self) -> Any:
+        """The compute dtype: that of the floating parameters."""
+        import jax
+
+        leaves = [x for x in jax.tree_util.tree_leaves(self.params) if np.ndim(x) > 0]
+        return leaves[0].dtype
+
+    @classmethod
+    def from_pretrained(cls, ref: str | os.PathLike, dtype: Any = np.float32):
+        """Load `config.json` + `flax_model.msgpack` from a folder or hub id; floating parameters cast to `dtype`."""
+        folder = resolve_model_dir(ref)
+        config = cls.config_class.from_dict(read_config(folder))
+        params = read_params(folder)
+        check_tree(cls.param_shapes(config), cls.runtime_layout(params, config),
+                   f"{cls.__name__} checkpoint {folder}")
+        return cls(config, cls.place(params, config, dtype), source=str(ref))
+
+    @classmethod
+    def init_random(cls, config: Any, seed: int = 0, dtype: Any = np.float32):
+        """Fresh weights drawn from the network's initial distributions (tests, benchmarks, training)."""
+        import jax
+
+        params = jax.tree_util.tree_map(np.asarray, cls.init_params(config, seed))
+        return cls(config, place_leaves(params, dtype), source=f"random(seed={seed})")
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Write `config.json` + `flax_model.msgpack` in the released layout."""
+        import jax
+
+        params = self.released_layout(jax.tree_util.tree_map(np.asarray, self.params), self.config)
+        return write_checkpoint(folder, self.config.to_dict(), params)
+
+    @staticmethod
+    def runtime_layout(params: dict[str, Any], config: Any) -> dict[str, Any]:
+        """The checkpoint's tree as `param_shapes` names it (views only; nothing is copied)."""
+        return params
+
+    @staticmethod
+    def place(params: dict[str, Any], config: Any, dtype: Any) -> dict[str, Any]:
+        """Host params in the checkpoint's layout -> device params in the run-time layout, in `dtype`."""
+        return place_leaves(params, dtype)
+
+    @staticmethod
+    def released_layout(params: dict[str, Any], config: Any) -> dict[str, Any]:
+        """Run-time params (on the host) -> the layout `save_pretrained` writes."""
+        return params

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from palette.stages.clip_processing import CLIPImagePreprocessor, CLIPTextTokenizer
+from palette.stages.clip_processing import CLIPTextTokenizer, image_processor, output_hw, pixel_values
+from palette.stages.models import clip
 from palette.stages.models.clip import CLIP
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16)
@@ -30,7 +31,7 @@ class CLIPScorer:
     def __init__(
         self,
         model: CLIP,
-        image_processor: CLIPImagePreprocessor,
+        image_processor: Any,  # transformers' CLIPImageProcessorPil (clip_processing.image_processor)
         tokenizer: CLIPTextTokenizer,
         buckets: Sequence[int] = DEFAULT_BUCKETS,
     ) -> None:
@@ -40,20 +41,19 @@ class CLIPScorer:
         vc = model.config.vision_config
         if vc.num_channels != 3:
             raise ValueError(f"CLIPScorer scores RGB images; this CLIP model takes {vc.num_channels} channels")
-        if image_processor.output_hw not in (None, vc.image_hw):
+        if output_hw(image_processor) not in (None, vc.image_hw):
             raise ValueError(
-                f"the image preprocessor makes {image_processor.output_hw} images but the CLIP model "
+                f"the image preprocessor makes {output_hw(image_processor)} images but the CLIP model "
                 f"takes {vc.image_hw}"
             )
         self.model = model
         self.image_processor = image_processor
         self.tokenizer = tokenizer
         self.buckets = buckets
-        module = model.module
+        config = model.config
 
         def score_fn(params: Any, input_ids: jax.Array, attention_mask: jax.Array, pixels: jax.Array) -> jax.Array:
-            out = module.apply({"params": params}, input_ids, attention_mask, pixels)
-            return out["logits_per_image"][:, 0]
+            return clip.forward(params, input_ids, attention_mask, pixels, config)["logits_per_image"][:, 0]
 
         self._score = jax.jit(score_fn)
 
@@ -63,9 +63,9 @@ class CLIPScorer:
     ) -> "CLIPScorer":
         """Model, preprocessor and tokenizer from one folder (or hub id) such as openai/clip-vit-base-patch32."""
         model = CLIP.from_pretrained(ref, dtype=dtype)
-        image_processor = CLIPImagePreprocessor.from_pretrained(ref, image_size=model.config.vision_config.image_size)
+        processor = image_processor(ref, image_size=model.config.vision_config.image_size)
         tokenizer = CLIPTextTokenizer.from_pretrained(ref, max_length=model.config.text_config.max_position_embeddings)
-        return cls(model, image_processor, tokenizer, buckets)
+        return cls(model, processor, tokenizer, buckets)
 
     def bucket_for(self, n: int) -> int:
         """The smallest bucket holding n images (the largest bucket when n exceeds it: chunks)."""
@@ -82,8 +82,11 @@ class CLIPScorer:
         if not images:
             return np.zeros((0,), np.float32)
         text = self.tokenizer([prompt], pad_to_max_length=True)
-        pixels = self.image_processor(images)
-        return self.score_pixels(text["input_ids"], text["attention_mask"], pixels, params)
+        return self.score_pixels(text["input_ids"], text["attention_mask"], self.pixels(images), params)
+
+    def pixels(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """The model's float32 NCHW pixels of PIL images (or uint8 HWC arrays)."""
+        return pixel_values(self.image_processor, images)
 
     def score_pixels(self, input_ids: np.ndarray, attention_mask: np.ndarray, pixels: np.ndarray,
                      params: Any = None) -> np.ndarray:

@@ -6,22 +6,18 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
 from conftest import load_case, reference_dir
 from palette.stages.checkpoint import CheckpointError, flatten
-from palette.stages.clip_processing import (
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
-    CLIPImagePreprocessor,
-    CLIPTextTokenizer,
-)
-from palette.stages.models.clip import CLIP, CLIPConfig, clip_loss
+from palette.stages.clip_processing import CLIPTextTokenizer, image_processor, pixel_values
+from palette.stages.models.clip import CLIP, CLIPConfig
 from palette.stages.ranker import CLIPScorer
 
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MEAN = np.asarray(OPENAI_CLIP_MEAN, np.float32)[:, None, None]
 STD = np.asarray(OPENAI_CLIP_STD, np.float32)[:, None, None]
 
@@ -76,12 +72,18 @@ def tiny_folder(tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- pre-processing
 
 
+def processor(size, crop_size):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size=size, crop_size=crop_size)
+
+
 def test_preprocess_crop_geometry_and_normalisation_by_hand():
     # 7 wide x 4 high, shortest side already 4: the resize keeps the pixels, the crop takes columns 1..4.
     rng = np.random.default_rng(3)
     hwc = rng.integers(0, 256, (4, 7, 3), dtype=np.uint8)
-    pre = CLIPImagePreprocessor(size={"shortest_edge": 4}, crop_size={"height": 4, "width": 4})
-    got = pre([Image.fromarray(hwc)])
+    pre = processor({"shortest_edge": 4}, {"height": 4, "width": 4})
+    got = pixel_values(pre, [Image.fromarray(hwc)])
     expected = (hwc[:, 1:5].transpose(2, 0, 1).astype(np.float32) / 255 - MEAN) / STD
     assert got.shape == (1, 3, 4, 4) and got.dtype == np.float32
     np.testing.assert_allclose(got[0], expected, rtol=0, atol=1e-6)
@@ -93,8 +95,8 @@ def test_preprocess_resize_shortest_edge_then_center_crop():
     wide = Image.fromarray(rng.integers(0, 256, (4, 10, 3), dtype=np.uint8))
     # 3 wide x 8 high -> 2 x 5 (int(2 * 8 / 3) = 5, truncated), crop from row (5 - 2) // 2 = 1.
     tall = Image.fromarray(rng.integers(0, 256, (8, 3, 3), dtype=np.uint8))
-    pre = CLIPImagePreprocessor(size=2, crop_size=2)
-    got = pre([wide, tall])
+    pre = processor({"shortest_edge": 2}, {"height": 2, "width": 2})
+    got = pixel_values(pre, [wide, tall])
     resized_wide = np.asarray(wide.resize((5, 2), Image.Resampling.BICUBIC))[:, 1:3]
     resized_tall = np.asarray(tall.resize((2, 5), Image.Resampling.BICUBIC))[1:3, :]
     for i, hwc in enumerate([resized_wide, resized_tall]):
@@ -105,43 +107,59 @@ def test_preprocess_resize_shortest_edge_then_center_crop():
 def test_preprocess_pads_small_images_and_composites_alpha_on_white():
     # An image smaller than the crop is zero-padded (before normalising), ceil of half the gap on top/left.
     pixel = np.full((1, 1, 3), 255, np.uint8)
-    pre = CLIPImagePreprocessor(size={"height": 1, "width": 1}, crop_size=4)
-    got = pre([Image.fromarray(pixel)])[0]
+    pre = processor({"height": 1, "width": 1}, {"height": 4, "width": 4})
+    got = pixel_values(pre, [Image.fromarray(pixel)])[0]
     raw = np.zeros((3, 4, 4), np.float32)
     raw[:, 2, 2] = 1.0
     np.testing.assert_allclose(got, (raw - MEAN) / STD, atol=1e-6)
     # Fully transparent pixels become white, not black.
     clear = Image.fromarray(np.zeros((2, 2, 4), np.uint8), "RGBA")
-    got = CLIPImagePreprocessor(size=2, crop_size=2)([clear])[0]
+    got = pixel_values(processor({"shortest_edge": 2}, {"height": 2, "width": 2}), [clear])[0]
     np.testing.assert_allclose(got, np.broadcast_to((1.0 - MEAN) / STD, (3, 2, 2)), atol=1e-6)
 
 
-def test_preprocess_matches_transformers_pil_processor():
-    pil_clip = pytest.importorskip("transformers.models.clip.image_processing_pil_clip")
-    images = random_images(4, seed=7) + [random_images(1, seed=8)[0].convert("L")]
-    ours = CLIPImagePreprocessor(size=16, crop_size=16)(images)
-    theirs = pil_clip.CLIPImageProcessorPil(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})(
-        images=images, return_tensors="np")["pixel_values"]
-    np.testing.assert_array_equal(ours, theirs)
+def test_pipeline_pixels_and_ids_are_what_clip_processor_gives():
+    """The ranker's inputs for a model folder are transformers' CLIPProcessor's, Pillow backend (its
+    torchvision backend, the default when torchvision is installed, resizes differently)."""
+    from transformers import CLIPProcessor
+
+    from palette.stages.pipeline import default_config_path
+
+    folder = default_config_path().parent / "clip"
+    scorer = CLIPScorer.from_pretrained(folder)
+    reference = CLIPProcessor.from_pretrained(str(folder), backend="pil")
+    images = random_images(6, seed=7) + [random_images(1, seed=8)[0].convert("L"),
+                                         Image.fromarray(np.zeros((30, 50, 4), np.uint8), "RGBA")]
+    captions = ["a small orange ring at the top on a white background", "a red circle"]
+    theirs = reference(images=images, text=captions, padding="max_length", max_length=scorer.tokenizer.max_length,
+                       return_tensors="np")
+    np.testing.assert_array_equal(scorer.pixels(images), theirs["pixel_values"])
+    ours = scorer.tokenizer(captions, pad_to_max_length=True)
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    np.testing.assert_array_equal(ours["attention_mask"], theirs["attention_mask"])
 
 
 def test_preprocessor_config_file_and_fallback_to_model_image_size(tmp_path):
     tiny_config_dict = tiny_config().to_dict()
     (tmp_path / "config.json").write_text(json.dumps(tiny_config_dict))
-    pre = CLIPImagePreprocessor.from_pretrained(tmp_path)
+    pre = image_processor(tmp_path)
     assert pre.size == {"shortest_edge": 16} and pre.crop_size == {"height": 16, "width": 16}
-    assert pre.image_mean == OPENAI_CLIP_MEAN and pre.resample == int(Image.Resampling.BICUBIC)
+    assert tuple(pre.image_mean) == OPENAI_CLIP_MEAN and pre.resample == int(Image.Resampling.BICUBIC)
     # The legacy openai/clip-vit-base-patch32 file: ints for size and crop_size.
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({
         "crop_size": 20, "do_center_crop": True, "do_normalize": False, "do_resize": True,
         "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.5, 0.5, 0.5],
         "image_std": [0.5, 0.5, 0.5], "resample": 2, "size": 24,
     }))
-    pre = CLIPImagePreprocessor.from_pretrained(tmp_path)
+    pre = image_processor(tmp_path)
     assert pre.size == {"shortest_edge": 24} and pre.crop_size == {"height": 20, "width": 20}
     assert pre.resample == 2 and not pre.do_normalize
-    out = pre(random_images(2))
+    out = pixel_values(pre, random_images(2))
     assert out.shape == (2, 3, 20, 20) and 0.0 <= out.min() and out.max() <= 1.0
+    # A file with a crop size alone: the short side is resized to the crop, as CLIP does.
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"crop_size": {"height": 12, "width": 12}}))
+    pre = image_processor(tmp_path)
+    assert pre.size == {"shortest_edge": 12} and pre.crop_size == {"height": 12, "width": 12}
 
 
 # ---------------------------------------------------------------- model
@@ -250,55 +268,6 @@ def test_scorer_scores_are_finite_and_independent_of_batching(tiny_folder):
     np.testing.assert_allclose(chunks, scores, rtol=1e-5, atol=1e-5)
     # ... and they are the model's logits_per_image[:, 0] for the unpadded prompt.
     text = scorer.tokenizer(["a cat"])
-    out = scorer.model(text["input_ids"], text["attention_mask"], scorer.image_processor(images))
+    out = scorer.model(text["input_ids"], text["attention_mask"], scorer.pixels(images))
     np.testing.assert_allclose(scores, np.asarray(out["logits_per_image"])[:, 0], rtol=1e-5, atol=1e-5)
     assert scorer.score("a cat", []).shape == (0,)
-
-
-# ---------------------------------------------------------------- training
-
-
-def test_contrastive_loss_decreases_with_adam():
-    optax = pytest.importorskip("optax")
-    # Weights wider than CLIP's 0.02 init, so the towers tell inputs apart from the first step.
-    model = CLIP.init_random(tiny_config(init=0.1, layers=1), seed=5)
-    rng = np.random.default_rng(5)
-    ids = rng.integers(0, 62, (4, 6)).astype(np.int32)
-    ids[:, 0], ids[:, -1] = 62, 63
-    mask = np.ones_like(ids)
-    pixels = rng.normal(size=(4, 3, 16, 16)).astype(np.float32)
-    optimizer = optax.adam(3e-3)
-
-    @jax.jit
-    def step(params, opt_state):
-        loss, grads = jax.value_and_grad(model.contrastive_loss)(params, ids, mask, pixels)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    params, opt_state = model.params, optimizer.init(model.params)
-    losses = []
-    for _ in range(9):  # the 9th reports the loss after 8 updates
-        params, opt_state, loss = step(params, opt_state)
-        losses.append(float(loss))
-    assert np.isfinite(losses).all() and losses[-1] < 0.75 * losses[0], losses
-    with pytest.raises(ValueError, match="pairs text i with image i"):
-        model.contrastive_loss(params, ids, mask, pixels[:3])
-
-
-def test_clip_loss_takes_negative_images_as_extra_columns():
-    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)
-    square = float(clip_loss(logits))
-    expected = 0.5 * (float(_diagonal_cross_entropy(logits)) + float(_diagonal_cross_entropy(logits.T)))
-    assert np.isclose(square, expected, atol=1e-6)
-    # A negative image that every text likes a lot costs; one they all dislike costs next to nothing.
-    liked = jnp.concatenate([logits, jnp.full((4, 1), 10.0)], axis=1)
-    disliked = jnp.concatenate([logits, jnp.full((4, 1), -30.0)], axis=1)
-    assert float(clip_loss(liked)) > square + 1.0
-    assert np.isclose(float(clip_loss(disliked)), square, atol=1e-4)
-
-
-def _diagonal_cross_entropy(x):
-    """Mean cross-entropy of each row against the diagonal, written out."""
-    x = np.asarray(x, np.float64)
-    log_p = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-    return -np.mean(np.diag(log_p))

@@ -62,15 +62,15 @@ def test_the_shipped_clip_reads_the_whole_caption():
     from dataclasses import replace
 
     from palette.stages.ranker import CLIPScorer
-    from palette.training import shapes as S
+    from palette.training import shapes
 
     scorer = CLIPScorer.from_pretrained(default_config_path().parent / "clip")
     for (shape, colour, size, position, background), other_position, other_background in WHOLE_CAPTION_CASES:
-        scene = S.SceneSpec((S.ObjectSpec(shape, colour, size, position),), background)
-        image = Image.fromarray(S.render(scene))
+        scene = shapes.SceneSpec((shapes.ObjectSpec(shape, colour, size, position),), background)
+        image = Image.fromarray(shapes.render(scene))
         moved = replace(scene, objects=(replace(scene.objects[0], position=other_position),))
-        captions = [S.caption(scene, full=True), S.caption(moved, full=True),
-                    S.caption(replace(scene, background=other_background), full=True)]
+        captions = [shapes.caption(scene, full=True), shapes.caption(moved, full=True),
+                    shapes.caption(replace(scene, background=other_background), full=True)]
         scores = [float(scorer.score(c, [image])[0]) for c in captions]
         assert scores[0] > max(scores[1:]), (captions, scores)
 
@@ -115,23 +115,23 @@ def test_most_candidates_draw_the_prompted_shape(readings):
 
 
 def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
-    from palette.training import evaluate as E
-    from palette.training import shapes as S
+    from palette.training import evaluate
+    from palette.training import shapes
 
-    fixed = E.evaluate(default_config_path().parent, n=2, candidates=3, progress=False)
-    other = E.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, prompt_seed=1234)
-    pooled = E.evaluate(default_config_path().parent, n=1, candidates=2, progress=False, prompt_seed=(1234, 99))
+    fixed = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False)
+    other = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, prompt_seed=1234)
+    pooled = evaluate.evaluate(default_config_path().parent, n=1, candidates=2, progress=False, prompt_seed=(1234, 99))
     assert fixed["prompt_seed"] is None and other["prompt_seed"] == 1234
     assert "prompt seed 1234" in other["table"] and "perfect ranker" in other["table"]
     assert "2 single-object prompts per set (prompt seeds 1234, 99)" in pooled["table"]
     for results in (fixed, other, pooled):
-        for kind in E.KINDS:
+        for kind in evaluate.KINDS:
             r = results[kind]
             # A prompt whose pick is right has a right candidate: a ranker cannot beat the best candidate.
             assert r["any_correct"] >= max(r["random"]["all_correct"], r["clip_top1"]["all_correct"])
             assert r["psnr"] > 20.0
-    for kind in E.KINDS:
-        assert fixed[kind]["prompts"] == [p.prompt for p in S.eval_prompts(kind, 2)]
-        assert other[kind]["prompts"] == [p.prompt for p in S.eval_prompts(kind, 2, seed=1234)]
+    for kind in evaluate.KINDS:
+        assert fixed[kind]["prompts"] == [p.prompt for p in shapes.eval_prompts(kind, 2)]
+        assert other[kind]["prompts"] == [p.prompt for p in shapes.eval_prompts(kind, 2, seed=1234)]
         assert other[kind]["prompts"] != fixed[kind]["prompts"]
-        assert pooled[kind]["prompts"] == [p.prompt for s in (1234, 99) for p in S.eval_prompts(kind, 1, seed=s)]
+        assert pooled[kind]["prompts"] == [p.prompt for s in (1234, 99) for p in shapes.eval_prompts(kind, 1, seed=s)]

@@ -6,28 +6,27 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from palette.training import patch_codes as PC
-from palette.training import shapes as S
+from palette.training import patch_codes, shapes
 
 
 @pytest.fixture(scope="module")
 def vocabulary():
-    return PC.PatchVocabulary.for_images(64, 16)
+    return patch_codes.PatchVocabulary.for_images(64, 16)
 
 
 def _scene(shape="triangle", colour="red", size="large", position="centre", background="blue"):
-    return S.SceneSpec((S.ObjectSpec(shape, colour, size, position),), background)
+    return shapes.SceneSpec((shapes.ObjectSpec(shape, colour, size, position),), background)
 
 
 def _codes(vocabulary, scenes):
-    images = np.stack([S.render(s) for s in scenes])
-    return PC.patch_codes(images, scenes, vocabulary)
+    images = np.stack([shapes.render(s) for s in scenes])
+    return patch_codes.patch_codes(images, scenes, vocabulary)
 
 
 def test_codes_and_factors_round_trip(vocabulary):
     codes = np.arange(vocabulary.size)
     mask, colour, background = vocabulary.factors(codes)
-    assert mask.max() == vocabulary.num_masks - 1 and colour.max() == background.max() == PC.N_COLOURS - 1
+    assert mask.max() == vocabulary.num_masks - 1 and colour.max() == background.max() == patch_codes.N_COLOURS - 1
     np.testing.assert_array_equal(vocabulary.code(mask, colour, background), codes)
 
 
@@ -38,13 +37,13 @@ def test_a_heldout_pair_is_spelt_with_the_masks_of_its_shape_and_the_codes_of_it
     h_mask, h_colour, h_bg = vocabulary.factors(held)
     s_mask, s_colour, _ = vocabulary.factors(seen)
     np.testing.assert_array_equal(h_mask, s_mask)  # the same shape, mask for mask
-    assert set(h_colour.tolist()) == {S.COLOUR_NAMES.index("purple")}
-    assert set(s_colour.tolist()) == {S.COLOUR_NAMES.index("red")}
-    assert set(h_bg.tolist()) == {S.COLOUR_NAMES.index("blue")}
+    assert set(h_colour.tolist()) == {shapes.COLOUR_NAMES.index("purple")}
+    assert set(s_colour.tolist()) == {shapes.COLOUR_NAMES.index("red")}
+    assert set(h_bg.tolist()) == {shapes.COLOUR_NAMES.index("blue")}
     # Every mask of every held-out scene is in the vocabulary built from geometry alone.
-    images = np.stack([S.render(_scene(shape=s, colour=c, size=z, position=p, background="black" if c != "black" else "red"))
-                       for c, s in S.HELDOUT for z in S.SIZES for p in S.POSITION_NAMES])
-    keys = PC.mask_keys(PC.object_mask(images), 16)
+    images = np.stack([shapes.render(_scene(shape=s, colour=c, size=z, position=p, background="black" if c != "black" else "red"))
+                       for c, s in shapes.HELDOUT for z in shapes.SIZES for p in shapes.POSITION_NAMES])
+    keys = patch_codes.mask_keys(patch_codes.object_mask(images), 16)
     assert np.isin(keys, vocabulary.masks).all()
 
 
@@ -60,11 +59,11 @@ def test_masks_tell_open_background_and_object_insides_from_edges(vocabulary):
 
 
 def test_background_patches_take_the_colour_of_the_nearest_object(vocabulary):
-    scene = S.SceneSpec((S.ObjectSpec("circle", "red", "small", "left"), S.ObjectSpec("star", "green", "small", "right")),
+    scene = shapes.SceneSpec((shapes.ObjectSpec("circle", "red", "small", "left"), shapes.ObjectSpec("star", "green", "small", "right")),
                         "white", "left of")
     colour = vocabulary.factors(_codes(vocabulary, [scene])[0])[1].reshape(16, 16)
-    assert (colour[:, :7] == S.COLOUR_NAMES.index("red")).all()
-    assert (colour[:, 9:] == S.COLOUR_NAMES.index("green")).all()
+    assert (colour[:, :7] == shapes.COLOUR_NAMES.index("red")).all()
+    assert (colour[:, 9:] == shapes.COLOUR_NAMES.index("green")).all()
 
 
 def test_a_mask_the_geometry_never_makes_takes_the_nearest_one(vocabulary):
@@ -75,9 +74,9 @@ def test_a_mask_the_geometry_never_makes_takes_the_nearest_one(vocabulary):
     idx = vocabulary.mask_index(flipped)
     diff = [bin(int(a >> 1) ^ int(b >> 1)).count("1") for a, b in zip(flipped, vocabulary.masks[idx])]
     assert max(diff) <= 1
-    jittered = S.SceneSpec((S.ObjectSpec("star", "red", "large", "centre", (0.01, 0.013), 1.04),), "blue")
-    image = S.render(jittered)[None]
-    keys = PC.mask_keys(PC.object_mask(image), 16)
+    jittered = shapes.SceneSpec((shapes.ObjectSpec("star", "red", "large", "centre", (0.01, 0.013), 1.04),), "blue")
+    image = shapes.render(jittered)[None]
+    keys = patch_codes.mask_keys(patch_codes.object_mask(image), 16)
     assert not np.isin(keys, vocabulary.masks).all()  # jitter makes masks of its own...
-    codes = PC.patch_codes(image, [jittered], vocabulary)
+    codes = patch_codes.patch_codes(image, [jittered], vocabulary)
     assert codes.min() >= 0 and codes.max() < vocabulary.size  # ...which still get codes

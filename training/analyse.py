@@ -42,18 +42,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
-from . import shapes as S
+from . import shapes
 
-_PALETTE = np.asarray([S.COLOURS[c] for c in S.COLOUR_NAMES], dtype=np.float32)
+_PALETTE = np.asarray([shapes.COLOURS[c] for c in shapes.COLOUR_NAMES], dtype=np.float32)
 _TEMPLATE_SIDE = 20
 #: Components smaller than this fraction of the image are specks, not objects.
 #: (The smallest object the generator draws, a small star, covers ~1.7 %.)
 MIN_AREA_FRACTION = 0.004
 #: Box side (fraction of the image side) between the two sizes.
-SIZE_THRESHOLD = S.HALF_EXTENT["small"] + S.HALF_EXTENT["large"]
+SIZE_THRESHOLD = shapes.HALF_EXTENT["small"] + shapes.HALF_EXTENT["large"]
 #: Grid cell boundaries: half-way between neighbouring grid centres.
-_CELL_EDGES = tuple((a + b) / 2 for a, b in zip(S.GRID_CENTRES[:-1], S.GRID_CENTRES[1:]))
+_CELL_EDGES = tuple((a + b) / 2 for a, b in zip(shapes.GRID_CENTRES[:-1], shapes.GRID_CENTRES[1:]))
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,11 @@ class Analysis:
             return None
         return relation_between(self.objects[0], self.objects[1])
 
-    def as_scene(self) -> S.SceneSpec | None:
+    def as_scene(self) -> shapes.SceneSpec | None:
         """The analysis as a SceneSpec, or None if it is not one the generator could make."""
         try:
-            objs = tuple(S.ObjectSpec(o.shape, o.colour, o.size, o.position) for o in self.objects)
-            return S.SceneSpec(objs, self.background, self.relation)
+            objs = tuple(shapes.ObjectSpec(o.shape, o.colour, o.size, o.position) for o in self.objects)
+            return shapes.SceneSpec(objs, self.background, self.relation)
         except ValueError:
             return None
 
@@ -112,66 +113,31 @@ def relation_between(a: DetectedObject, b: DetectedObject) -> str:
 
 
 # --------------------------------------------------------------------------
-# Connected components (numpy only)
+# Masks (scipy.ndimage)
 # --------------------------------------------------------------------------
 
-def _shift_min(lab: np.ndarray, big: int) -> np.ndarray:
-    p = np.pad(lab, 1, constant_values=big)
-    h, w = lab.shape
-    out = lab.copy()
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            np.minimum(out, p[dy:dy + h, dx:dx + w], out=out)
-    return out
+_EIGHT_NEIGHBOURS = np.ones((3, 3), bool)
 
 
 def label_components(mask: np.ndarray) -> tuple[np.ndarray, int]:
     """8-connected components of a boolean mask: (int32 labels with 0 = outside, 1..n in raster order, n)."""
-    mask = np.asarray(mask, dtype=bool)
-    h, w = mask.shape
-    big = h * w
-    idx = np.arange(h * w, dtype=np.int64).reshape(h, w)
-    lab = np.where(mask, idx, big)
-    flat_fg = mask.reshape(-1)
-    while True:
-        new = _shift_min(lab, big)
-        new = np.where(mask, new, big)
-        # Pointer jumping: every label is the index of a foreground pixel; follow it.
-        flat = new.reshape(-1)
-        for _ in range(4):
-            jumped = flat.copy()
-            jumped[flat_fg] = flat[flat[flat_fg]]
-            flat = jumped
-        new = flat.reshape(h, w)
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    roots = np.unique(lab[mask])
-    out = np.zeros((h, w), dtype=np.int32)
-    if roots.size:
-        out[mask] = (np.searchsorted(roots, lab[mask]) + 1).astype(np.int32)
-    return out, int(roots.size)
+    labels, n = ndimage.label(np.asarray(mask, dtype=bool), structure=_EIGHT_NEIGHBOURS)
+    return labels.astype(np.int32), int(n)
 
 
 def _erode(mask: np.ndarray) -> np.ndarray:
-    p = np.pad(mask, 1, constant_values=False)
-    h, w = mask.shape
-    return mask & p[:h, 1:w + 1] & p[2:, 1:w + 1] & p[1:h + 1, :w] & p[1:h + 1, 2:]
+    """`mask` less every cell with a 4-neighbour outside it (outside the image counts as outside)."""
+    return ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
 
 
 def dilate(mask: np.ndarray, steps: int = 1) -> np.ndarray:
     """`mask` grown by `steps` cells in all 8 directions over its last two axes (nothing enters from
     outside); leading axes are a batch."""
-    h, w = mask.shape[-2:]
-    border = [(0, 0)] * (mask.ndim - 2) + [(1, 1), (1, 1)]
-    for _ in range(steps):
-        p = np.pad(mask, border, constant_values=False)
-        out = mask.copy()
-        for dy in (0, 1, 2):
-            for dx in (0, 1, 2):
-                out |= p[..., dy:dy + h, dx:dx + w]
-        mask = out
-    return mask
+    mask = np.asarray(mask, dtype=bool)
+    if steps == 0:
+        return mask.copy()
+    square = np.ones((1,) * (mask.ndim - 2) + (2 * steps + 1, 2 * steps + 1), bool)
+    return ndimage.binary_dilation(mask, structure=square)
 
 
 # --------------------------------------------------------------------------
@@ -189,13 +155,8 @@ def _normalise(mask: np.ndarray) -> np.ndarray | None:
 
 
 def _blur(x: np.ndarray, sigma: float) -> np.ndarray:
-    """Separable Gaussian blur of a 2-D float array (edges replicated)."""
-    r = max(1, int(np.ceil(3 * sigma)))
-    k = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
-    k /= k.sum()
-    p = np.pad(x, r, mode="edge")
-    p = sum(k[i] * p[i:i + x.shape[0], :] for i in range(2 * r + 1))
-    return sum(k[i] * p[:, i:i + x.shape[1]] for i in range(2 * r + 1))
+    """Gaussian blur of a 2-D float array over max(1, ceil(3 sigma)) pixels each side (edges replicated)."""
+    return ndimage.gaussian_filter(x, sigma, mode="nearest", radius=max(1, int(np.ceil(3 * sigma))))
 
 
 #: Blur levels (Gaussian sigma, in pixels of the analysed image) the templates are rendered at: sharp,
@@ -212,13 +173,13 @@ def _templates(side: int) -> tuple[np.ndarray, tuple[str, ...]]:
     canvas = min(side, _TEMPLATE_MAX_SIDE)
     # Antialiased, and hard-edged as the generator renders by default (pixel centres tested).
     rasters = (1, 4) if canvas <= 64 else (2,)
-    for shape in S.SHAPES:
-        for size in S.SIZES:
-            for scale in (1.0 - S.SCALE_JITTER, 1.0, 1.0 + S.SCALE_JITTER):
+    for shape in shapes.SHAPES:
+        for size in shapes.SIZES:
+            for scale in (1.0 - shapes.SCALE_JITTER, 1.0, 1.0 + shapes.SCALE_JITTER):
                 for phase, ss in itertools.product((0.0, 0.25, 0.5), rasters):
-                    half = S.HALF_EXTENT[size] * scale * canvas
+                    half = shapes.HALF_EXTENT[size] * scale * canvas
                     c = canvas / 2 + phase
-                    cov = S.coverage(shape, (c, c + phase / 2), half, canvas, supersample=ss)
+                    cov = shapes.coverage(shape, (c, c + phase / 2), half, canvas, supersample=ss)
                     for blur in TEMPLATE_BLURS:
                         soft = _blur(cov, blur * canvas / side) if blur > 0 else cov
                         t = _normalise(soft >= 0.5)
@@ -231,14 +192,14 @@ def _templates(side: int) -> tuple[np.ndarray, tuple[str, ...]]:
 @functools.lru_cache(maxsize=None)
 def shape_fill(shape: str) -> float:
     """Fraction of its bounding box that `shape` covers."""
-    return float(S.coverage(shape, (128.0, 128.0), 100.0, 256).sum() / 200.0**2)
+    return float(shapes.coverage(shape, (128.0, 128.0), 100.0, 256).sum() / 200.0**2)
 
 
 def classify_shape(mask: np.ndarray, side: int) -> tuple[str, float]:
     """Nearest template shape of a binary object mask, with its mean absolute distance."""
     t = _normalise(mask)
     if t is None:
-        return S.SHAPES[0], 1.0
+        return shapes.SHAPES[0], 1.0
     temps, names = _templates(int(side))
     d = np.abs(temps - t[None]).mean(axis=(1, 2))
     best = {}
@@ -256,7 +217,7 @@ def classify_shape(mask: np.ndarray, side: int) -> tuple[str, float]:
 def _position(cx: float, cy: float) -> str:
     col = int(np.searchsorted(_CELL_EDGES, cx))
     row = int(np.searchsorted(_CELL_EDGES, cy))
-    return S._POSITION_AT[(col, row)]
+    return shapes._POSITION_AT[(col, row)]
 
 
 def _object_colour(pixels: np.ndarray, bg: int) -> int:
@@ -380,7 +341,7 @@ def analyse(image: np.ndarray, *, max_objects: int = 8) -> Analysis:
         # Size from area: blur eats a star's points (and its box) but hardly its area.
         equivalent = float(np.sqrt(mask.sum() / shape_fill(shape) / (h * w)))
         objects.append(DetectedObject(
-            colour=S.COLOUR_NAMES[k],
+            colour=shapes.COLOUR_NAMES[k],
             shape=shape,
             size="large" if equivalent >= SIZE_THRESHOLD else "small",
             position=_position(cx, cy),
@@ -394,7 +355,7 @@ def analyse(image: np.ndarray, *, max_objects: int = 8) -> Analysis:
         ))
         if len(objects) >= max_objects:
             break
-    return Analysis(S.COLOUR_NAMES[bg], tuple(objects), (h, w), float(counts[bg] / (h * w)))
+    return Analysis(shapes.COLOUR_NAMES[bg], tuple(objects), (h, w), float(counts[bg] / (h * w)))
 
 
 # --------------------------------------------------------------------------
@@ -404,7 +365,7 @@ def analyse(image: np.ndarray, *, max_objects: int = 8) -> Analysis:
 _OBJECT_ATTRS = ("colour", "shape", "size", "position")
 
 
-def _match(detected: Sequence[DetectedObject], expected: Sequence[S.ObjectSpec]) -> list[int | None]:
+def _match(detected: Sequence[DetectedObject], expected: Sequence[shapes.ObjectSpec]) -> list[int | None]:
     """For each expected object, the index of its detected object (or None), maximising agreement."""
     cand = list(range(min(len(detected), 6)))
     k = min(len(cand), len(expected))
@@ -418,7 +379,8 @@ def _match(detected: Sequence[DetectedObject], expected: Sequence[S.ObjectSpec])
     return best
 
 
-def score(analysis: Analysis, scene: S.SceneSpec, attributes: Iterable[str] | None = None) -> dict[str, bool | None]:
+def score(analysis: Analysis, scene: shapes.SceneSpec,
+          attributes: Iterable[str] | None = None) -> dict[str, bool | None]:
     """Per-attribute correctness of an analysis against the scene it should show.
 
     Keys: "count" (as many objects found as the scene has), "background",
@@ -428,8 +390,8 @@ def score(analysis: Analysis, scene: S.SceneSpec, attributes: Iterable[str] | No
     `attributes` (default: all of `shapes.ATTRIBUTES`; pass an `EvalPrompt.mentioned`
     to score only what a prompt states).
     """
-    wanted = set(S.ATTRIBUTES if attributes is None else attributes)
-    unknown = wanted - set(S.ATTRIBUTES)
+    wanted = set(shapes.ATTRIBUTES if attributes is None else attributes)
+    unknown = wanted - set(shapes.ATTRIBUTES)
     if unknown:
         raise ValueError(f"unknown attributes {sorted(unknown)}")
     det = analysis.objects

@@ -5,7 +5,7 @@
     train default  --out models/default [--minutes 56] [--steps V,B,C] [--seed 0] [--run-dir DIR] [--pool-size N]
     train vqgan    --out DIR [--steps N] [--minutes M] [--seed S] [--run-dir DIR] [--pool-size N]
     train dallebart --out DIR [...]     (on the pool's patch codes, as `train default` trains it)
-    train clip     --out DIR [...]      (on DIR/vqgan's paintings of the pool's codes)
+    train clip     --out DIR [...]      (on DIR/vqgan's paintings of the pool's codes; needs DIR/vqgan)
     eval [--models models/default] [--n 48] [--grid out/eval-grid.png] [--json out/eval.json] [--seed 0]
          [--prompt-seed S[,S...]] [--condition-scale S]
 
@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 from typing import Sequence
 
 
@@ -91,60 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_one(args: argparse.Namespace) -> None:
-    from . import model_set as M
-    from . import patch_codes as PC
-    from . import train as T
-
-    out = Path(args.out)
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"train-{out.name}" / args.model
-    if not (out / "dallebart" / "vocab.json").is_file() or not (out / "clip" / "vocab.json").is_file():
-        M.write_tokenizers(out, T.tokenizer_corpus(args.seed))
-    M.write_clip_preprocessor(out)
-    bart_vocab = len(json.loads((out / "dallebart" / "vocab.json").read_text()))
-    clip_vocab = len(json.loads((out / "clip" / "vocab.json").read_text()))
-    # The default set's pool and settings, so that one phase retrained here is that phase of `train default`.
-    pool = T.make_pool(args.seed, args.pool_size, jitter=False, two_objects_prob=T.TWO_OBJECTS_PROB)
-    settings = dict(T.PHASE_LOOPS[args.model])
-    if args.batch_size:
-        settings["batch_size"] = args.batch_size
-    loop = T.LoopConfig(steps=args.steps, minutes=args.minutes, seed=args.seed, progress=not args.no_progress,
-                        **settings)
-    vocabulary = PC.PatchVocabulary.for_images(M.IMAGE_SIZE, M.GRID)
-    codes = PC.patch_codes(pool.images, pool.scenes, vocabulary)
-    if args.model == "vqgan":
-        T.train_vqgan(out, run_dir, pool, codes, vocabulary, loop)
-    elif args.model == "dallebart":
-        T.train_dallebart(out, run_dir, pool, codes, loop, M.dallebart_config(bart_vocab, vocabulary.size),
-                          vocabulary=vocabulary, **T.DALLEBART_RECIPE)
-    else:
-        from palette.stages.models.vqgan import VQGAN
-
-        if (out / "vqgan" / "config.json").is_file():  # as `train default` trains it
-            recon, negatives = T.clip_images(VQGAN.from_pretrained(out / "vqgan"), pool, codes, args.seed,
-                                             vocabulary)
-            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab), recon, negatives=negatives,
-                         **T.CLIP_RECIPE)
-        else:
-            T.train_clip(out, run_dir, pool, loop, M.clip_config(clip_vocab),
-                         attribute_weight=T.CLIP_RECIPE["attribute_weight"])
-    if not (out / "pipeline.toml").is_file():
-        M.write_pipeline_config(out, f"trained by `palette train` (seed {args.seed})")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "train":
-        from . import train as T
+        from . import recipe
 
         if args.model == "default":
             extra = {} if args.steps is None else {"max_steps": args.steps}
-            summary = T.train_default(args.out, args.minutes, seed=args.seed, run_dir=args.run_dir,
-                                      pool_size=args.pool_size, progress=not args.no_progress, **extra)
+            summary = recipe.train_default(args.out, args.minutes, seed=args.seed, run_dir=args.run_dir,
+                                           pool_size=args.pool_size, progress=not args.no_progress, **extra)
             print(json.dumps(summary, indent=2))
         else:
-            _train_one(args)
+            recipe.retrain(args.model, args.out, args.steps, args.minutes, seed=args.seed, run_dir=args.run_dir,
+                           pool_size=args.pool_size, batch_size=args.batch_size, progress=not args.no_progress)
         return 0
     if args.command == "eval":
         from .evaluate import main_eval

@@ -26,8 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import analyse as A
-from . import shapes as S
+from . import analyse, shapes
 
 ATTRS = ("count", "background", "colour", "shape", "size", "position", "all_correct")
 ATTR_LABELS = {"count": "object count", "all_correct": "**all correct**"}
@@ -43,28 +42,28 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reconstruction_psnr(vq, images: np.ndarray) -> float:
     """Mean per-image PSNR of VQGAN encode -> decode."""
-    from .train import decode_codes, encode_pool
+    from .vqgan_trainer import decode_codes, encode_pool
 
     recon = decode_codes(vq, encode_pool(vq, images, batch_size=16), batch_size=16)
     return float(np.mean([psnr(a, b) for a, b in zip(images, recon)]))
 
 
-def _variants(scene: S.SceneSpec) -> list[S.SceneSpec]:
+def _variants(scene: shapes.SceneSpec) -> list[shapes.SceneSpec]:
     """Every valid scene that differs from `scene` in exactly one attribute of its first object or the background."""
     out = []
     o = scene.objects[0]
     changes: list[dict[str, Any]] = (
-        [{"colour": c} for c in S.COLOUR_NAMES if c != o.colour]
-        + [{"shape": s} for s in S.SHAPES if s != o.shape]
-        + [{"size": z} for z in S.SIZES if z != o.size]
-        + [{"position": p} for p in S.POSITION_NAMES if p != o.position]
+        [{"colour": c} for c in shapes.COLOUR_NAMES if c != o.colour]
+        + [{"shape": s} for s in shapes.SHAPES if s != o.shape]
+        + [{"size": z} for z in shapes.SIZES if z != o.size]
+        + [{"position": p} for p in shapes.POSITION_NAMES if p != o.position]
     )
     for change in changes:
         try:
             out.append(replace(scene, objects=(replace(o, **change),) + scene.objects[1:]))
         except ValueError:
             pass
-    for b in S.BACKGROUNDS:
+    for b in shapes.BACKGROUNDS:
         if b != scene.background:
             try:
                 out.append(replace(scene, background=b))
@@ -73,34 +72,34 @@ def _variants(scene: S.SceneSpec) -> list[S.SceneSpec]:
     return out
 
 
-def distractor_captions(scene: S.SceneSpec, rng: np.random.Generator, k: int = 7) -> list[str]:
+def distractor_captions(scene: shapes.SceneSpec, rng: np.random.Generator, k: int = 7) -> list[str]:
     """`k` canonical captions of scenes one attribute away from `scene`, spread over the attributes."""
     variants = _variants(scene)
-    by_attr: dict[str, list[S.SceneSpec]] = {}
+    by_attr: dict[str, list[shapes.SceneSpec]] = {}
     o = scene.objects[0]
     for v in variants:
         vo = v.objects[0]
         attr = next((a for a in ("colour", "shape", "size", "position") if getattr(vo, a) != getattr(o, a)), "background")
         by_attr.setdefault(attr, []).append(v)
-    picked: list[S.SceneSpec] = []
+    picked: list[shapes.SceneSpec] = []
     attrs = sorted(by_attr)
     while len(picked) < k and any(by_attr.values()):
         for a in attrs:
             if by_attr[a] and len(picked) < k:
                 picked.append(by_attr[a].pop(int(rng.integers(len(by_attr[a])))))
-    return [S.caption(v, full=True) for v in picked]
+    return [shapes.caption(v, full=True) for v in picked]
 
 
-def retrieval_accuracy(scorer, images: np.ndarray, scenes: Sequence[S.SceneSpec], seed: int = 0) -> float:
+def retrieval_accuracy(scorer, images: np.ndarray, scenes: Sequence[shapes.SceneSpec], seed: int = 0) -> float:
     """Share of images whose own canonical caption CLIP ranks first among it and 7 one-attribute distractors."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     hits = 0
     for image, scene in zip(images, scenes):
-        captions = [S.caption(scene, full=True)] + distractor_captions(scene, rng)
+        captions = [shapes.caption(scene, full=True)] + distractor_captions(scene, rng)
         text = scorer.tokenizer(captions, pad_to_max_length=True)
-        pixels = scorer.image_processor([Image.fromarray(image)])
+        pixels = scorer.pixels([Image.fromarray(image)])
         t = np.asarray(scorer.model.encode_text(text["input_ids"], text["attention_mask"]))
         v = np.asarray(scorer.model.encode_image(pixels))
         sims = (t @ v[0])
@@ -160,8 +159,8 @@ def evaluate(
 
         bar = tqdm(total=2 * n * len(seeds), desc="eval", dynamic_ncols=True, mininterval=2.0)
     for k_i, kind in enumerate(KINDS):
-        prompts = [p for s in seeds for p in S.eval_prompts(kind, n, seed=s)]
-        truth = np.stack([S.render(p.scene) for p in prompts])
+        prompts = [p for s in seeds for p in shapes.eval_prompts(kind, n, seed=s)]
+        truth = np.stack([shapes.render(p.scene) for p in prompts])
         random_scores, top_scores, any_correct = [], [], []
         for i, p in enumerate(prompts):
             params = [SamplingParams(seed=seed * 1_000_003 + k_i * 100_000 + i * candidates + j, **scale)
@@ -170,7 +169,7 @@ def evaluate(
             images = [np.asarray(it["image"].convert("RGB")) for it in items]
             scores = np.asarray([float(it["score"]) for it in items])
             order = np.argsort(-scores, kind="stable")
-            scores_each = [A.score(A.analyse(im), p.scene, p.mentioned) for im in images]
+            scores_each = [analyse.score(analyse.analyse(im), p.scene, p.mentioned) for im in images]
             random_scores.extend(scores_each)  # every candidate: the expected accuracy of a random pick
             top_scores.append(scores_each[int(order[0])])
             any_correct.append(any(r["all_correct"] for r in scores_each))
@@ -181,8 +180,8 @@ def evaluate(
         results[kind] = {
             "psnr": reconstruction_psnr(vq, truth),
             "retrieval": retrieval_accuracy(scorer, truth, [p.scene for p in prompts], seed=seed + k_i),
-            "random": A.accuracy(random_scores),
-            "clip_top1": A.accuracy(top_scores),
+            "random": analyse.accuracy(random_scores),
+            "clip_top1": analyse.accuracy(top_scores),
             "any_correct": float(np.mean(any_correct)),
             "prompts": [p.prompt for p in prompts],
         }

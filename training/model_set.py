@@ -22,21 +22,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
-from palette.stages.models.clip import CLIP, CLIPConfig, CLIPTextConfig, CLIPVisionConfig
-from palette.stages.models.dallebart import DalleBart, DalleBartConfig
-from palette.stages.models.vqgan import VQGAN, VQGANConfig
+from palette.stages.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
+from palette.stages.models.dallebart import DalleBartConfig
+from palette.stages.models.vqgan import VQGANConfig
 from palette.stages.text import WORD_FREQUENCY_FILENAME
 
 from .tokenizers import train_bart_tokenizer, train_clip_tokenizer
 
 IMAGE_SIZE = 64
-CODEBOOK_SIZE = 1024
 GRID = 16  # VQGAN f4: 64×64 image <-> 16×16 codes
 TEXT_VOCAB = 512
 MAX_TEXT_LENGTH = 32
 
 
-def vqgan_config(n_embed: int = CODEBOOK_SIZE, embed_dim: int = 16) -> VQGANConfig:
+def vqgan_config(n_embed: int, embed_dim: int) -> VQGANConfig:
     # ch=64 at full resolution: GroupNorm has 32 groups, and with 32 channels each group is one
     # channel, which normalises away every channel's flat value -- the decoder could then not
     # paint flat backgrounds. No attention in the levels (the mid block attends globally, which is
@@ -46,7 +45,7 @@ def vqgan_config(n_embed: int = CODEBOOK_SIZE, embed_dim: int = 16) -> VQGANConf
                        resolution=IMAGE_SIZE, z_channels=64, embed_dim=embed_dim, n_embed=n_embed)
 
 
-def dallebart_config(encoder_vocab_size: int, image_vocab_size: int = CODEBOOK_SIZE) -> DalleBartConfig:
+def dallebart_config(encoder_vocab_size: int, image_vocab_size: int) -> DalleBartConfig:
     v = image_vocab_size
     return DalleBartConfig(
         encoder_vocab_size=encoder_vocab_size, image_vocab_size=v, image_length=GRID * GRID,
@@ -78,9 +77,12 @@ def write_tokenizers(out: Path, captions: Iterable[str]) -> tuple[int, int]:
     bart_dir = train_bart_tokenizer(captions, out / "dallebart", vocab_size=TEXT_VOCAB,
                                     model_max_length=MAX_TEXT_LENGTH)
     clip_dir = train_clip_tokenizer(captions, out / "clip", vocab_size=TEXT_VOCAB, model_max_length=MAX_TEXT_LENGTH)
-    bart_vocab = len(json.loads((bart_dir / "vocab.json").read_text()))
-    clip_vocab = len(json.loads((clip_dir / "vocab.json").read_text()))
-    return bart_vocab, clip_vocab
+    return vocab_size(bart_dir), vocab_size(clip_dir)
+
+
+def vocab_size(folder: Path) -> int:
+    """The number of ids of the tokenizer in `folder` (its vocab.json)."""
+    return len(json.loads((Path(folder) / "vocab.json").read_text()))
 
 
 def write_word_frequencies(folder: Path, captions: Iterable[str]) -> Path:
@@ -147,15 +149,3 @@ def write_pipeline_config(out: Path, description: str) -> Path:
     path = out / "pipeline.toml"
     path.write_text(PIPELINE_TOML.format(description=description))
     return path
-
-
-def write_random_set(out: str | Path, captions: Iterable[str], seed: int = 0) -> Path:
-    """A complete, loadable model set with random weights (for tests and before training)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    bart_vocab, clip_vocab = write_tokenizers(out, captions)
-    DalleBart.init_random(dallebart_config(bart_vocab), seed).save_pretrained(out / "dallebart")
-    VQGAN.init_random(vqgan_config(), seed).save_pretrained(out / "vqgan")
-    CLIP.init_random(clip_config(clip_vocab), seed).save_pretrained(out / "clip")
-    write_clip_preprocessor(out)
-    return write_pipeline_config(out, "randomly initialised weights (not trained)")

@@ -11,8 +11,8 @@ whose colours occur with other masks in training.
 Why: with free codes, the edge of a purple triangle is a token of its own, which no training
 image shows, so DalleBart can never write it and the VQGAN never learns to paint it. With
 product codes, each factor of every code a held-out prompt needs has been seen, and both
-DalleBart (`train_dallebart(..., vocabulary=...)`, one softmax per factor) and the VQGAN
-(`train_vqgan`, one codebook part per factor) are built to combine factors freely. The
+DalleBart (`dallebart_trainer`, one softmax per factor) and the VQGAN
+(`vqgan_trainer`, one codebook part per factor) are built to combine factors freely. The
 exported files are the ordinary released layout: the product codebook and DalleBart tables are
 materialised over all codes.
 
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import shapes as S
+from . import shapes
 
-N_COLOURS = len(S.COLOUR_NAMES)
-_COLOUR_INDEX = {name: i for i, name in enumerate(S.COLOUR_NAMES)}
+N_COLOURS = len(shapes.COLOUR_NAMES)
+_COLOUR_INDEX = {name: i for i, name in enumerate(shapes.COLOUR_NAMES)}
 
 
 def patch_pixels(mask: np.ndarray, grid: int) -> np.ndarray:
@@ -75,9 +75,9 @@ def mask_vocabulary(size: int, grid: int) -> np.ndarray:
     Pure geometry: one colour pair stands for all, so no colour x shape pair is involved.
     Two-object layouts keep their objects two cells apart, so they add no mask of their own.
     """
-    scenes = [S.SceneSpec((S.ObjectSpec(shape, S.COLOUR_NAMES[0], s, position),), S.COLOUR_NAMES[1])
-              for shape in S.SHAPES for s in S.SIZES for position in S.POSITION_NAMES]
-    images = np.stack([S.render(scene, size) for scene in scenes])
+    scenes = [shapes.SceneSpec((shapes.ObjectSpec(shape, shapes.COLOUR_NAMES[0], s, position),), shapes.COLOUR_NAMES[1])
+              for shape in shapes.SHAPES for s in shapes.SIZES for position in shapes.POSITION_NAMES]
+    images = np.stack([shapes.render(scene, size) for scene in scenes])
     return np.unique(mask_keys(object_mask(images), grid))
 
 
@@ -157,4 +157,4 @@ def patch_codes(images: np.ndarray, scenes, vocabulary: PatchVocabulary) -> np.n
 
 def colour_table() -> np.ndarray:
     """float32 [C, 3]: the named colours in [0, 1], in code order (starts the colour parts of the codebook)."""
-    return np.asarray([S.COLOURS[c] for c in S.COLOUR_NAMES], np.float32) / 255.0
+    return np.asarray([shapes.COLOURS[c] for c in shapes.COLOUR_NAMES], np.float32) / 255.0

@@ -15,24 +15,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import checkpoint as ckpt
+from palette.stages.checkpoint import Pretrained, UnsupportedConfigError, cast_leaf, known_fields, place_leaves
 
 LN_EPS = 1e-5
 ENC_SCANNED = "FlaxBartEncoderLayers"
 DEC_SCANNED = "FlaxBartDecoderLayers"
 
 Params = dict[str, Any]
-
-
-class UnsupportedConfigError(ckpt.CheckpointError):
-    """The config asks for a variant of the architecture this implementation does not compute."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +71,14 @@ class DalleBartConfig:
     # Everything else from config.json, kept so that save_pretrained round-trips it.
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "DalleBartConfig":
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        known = {k: v for k, v in raw.items() if k in names}
-        extra = {k: v for k, v in raw.items() if k not in names}
-        config = cls(**known, extra=extra)
-        config.validate()
-        return config
+        """Read a config.json dict; keys that are not fields are kept in `extra`."""
+        known = {k: v for k, v in known_fields(cls, raw).items() if k != "extra"}
+        return cls(**known, extra={k: v for k, v in raw.items() if k not in known})
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)
@@ -330,8 +325,10 @@ def _norm(features: int, with_scale: bool, dtype) -> Params:
     return p
 
 
-def init_params(config: DalleBartConfig, seed: int = 0, dtype=jnp.float32) -> Params:
-    """Random parameters in the unscanned run-time layout (normal(init_std) kernels, unit norms, zero biases)."""
+def init_params(config: DalleBartConfig, seed: int = 0) -> Params:
+    """Fresh float32 parameters in the unscanned run-time layout (normal(init_std) kernels, unit norms,
+    zero biases), drawn with jax.random."""
+    dtype = jnp.float32
     key = iter(jax.random.split(jax.random.PRNGKey(seed), 4096))
     d, std, force = config.d_model, config.init_std, config.force_ln_scale
 
@@ -436,7 +433,7 @@ def place_unstacked(params: Params, config: DalleBartConfig, dtype: Any) -> Para
                     subs = [t.setdefault(key, {}) for t in targets]
                     split(dict(value), subs)
                 else:
-                    cast = ckpt.cast_leaf(value, dtype)
+                    cast = cast_leaf(value, dtype)
                     for i, target in enumerate(targets):
                         target[key] = jnp.array(cast[i])
                     # Transfers are asynchronous: wait, or every host copy stays queued at once.
@@ -445,7 +442,7 @@ def place_unstacked(params: Params, config: DalleBartConfig, dtype: Any) -> Para
 
         split(stacked, per_layer)
         layers.update({f"{single}_{i}": tree for i, tree in enumerate(per_layer)})
-    return ckpt.place_leaves(params, dtype)
+    return place_leaves(params, dtype)
 
 
 def stack_layers(params: Params, config: DalleBartConfig) -> Params:
@@ -459,44 +456,36 @@ def stack_layers(params: Params, config: DalleBartConfig) -> Params:
     return params
 
 
+def param_shapes(config: DalleBartConfig) -> Params:
+    """The run-time (unscanned) parameter tree `config` implies, as ShapeDtypeStructs."""
+    return jax.eval_shape(lambda: init_params(config, 0))
+
+
 # ----------------------------------------------------------------------------- the model object
 
+# Jitted at the boundary, once per config and input shape (a static argument).
+_forward = jax.jit(forward, static_argnames="config")
 
-class DalleBart:
-    """A loaded DalleBart: config + run-time params (per-layer layout, compute dtype)."""
 
-    def __init__(self, config: DalleBartConfig, params: Params, source: str | None = None):
-        self.config = config
-        self.params = params
-        self.source = source
-        self._forward = jax.jit(lambda p, i, m, d: forward(p, i, m, d, self.config))
+class DalleBart(Pretrained):
+    """A loaded DalleBart: config + run-time params (per-layer layout, in the compute dtype).
 
-    @property
-    def dtype(self):
-        return self.params["model"]["decoder"]["embed_tokens"]["embedding"].dtype
+    Released checkpoints store the layers scanned (stacked); they are split into per-layer
+    entries once, on the way to the device, and stacked again by `save_pretrained` when
+    config.use_scan says so.
+    """
 
-    @classmethod
-    def from_pretrained(cls, ref: str | Path, dtype: Any = jnp.float32) -> "DalleBart":
-        """Load `config.json` + `flax_model.msgpack` from a folder or hub id; both param layouts are accepted."""
-        folder = ckpt.resolve_model_dir(ref)
-        config = DalleBartConfig.from_dict(ckpt.read_config(folder))
-        params = ckpt.read_params(folder)
-        expected = jax.eval_shape(lambda: init_params(config, 0, jnp.float32))
-        ckpt.check_tree(expected, unstack_layers(params, config), f"DalleBart checkpoint {folder}")  # views only
-        return cls(config, place_unstacked(params, config, dtype), source=str(ref))
+    config_class = DalleBartConfig
+    param_shapes = staticmethod(param_shapes)
+    init_params = staticmethod(init_params)
+    runtime_layout = staticmethod(unstack_layers)
+    place = staticmethod(place_unstacked)
 
-    @classmethod
-    def init_random(cls, config: DalleBartConfig, seed: int = 0, dtype: Any = jnp.float32) -> "DalleBart":
-        return cls(config, init_params(config, seed, dtype), source=f"random(seed={seed})")
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        """Write the released format; layers are stored scanned when config.use_scan says so."""
-        params = jax.tree_util.tree_map(np.asarray, self.params)
-        if self.config.use_scan:
-            params = stack_layers(params, self.config)
-        return ckpt.write_checkpoint(folder, self.config.to_dict(), params)
+    @staticmethod
+    def released_layout(params: Params, config: DalleBartConfig) -> Params:
+        return stack_layers(params, config) if config.use_scan else params
 
     def __call__(self, input_ids, attention_mask, decoder_input_ids):
         """(logits [B, Ld, V+1] float32, encoder_last_hidden_state [B, Lt, D])."""
-        return self._forward(self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
-                             jnp.asarray(decoder_input_ids))
+        return _forward(self.params, jnp.asarray(input_ids), jnp.asarray(attention_mask),
+                        jnp.asarray(decoder_input_ids), self.config)

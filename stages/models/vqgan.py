@@ -1,10 +1,9 @@
-"""VQGAN (taming-transformers autoencoder) in Flax linen, released-checkpoint compatible.
+"""VQGAN: the taming-transformers autoencoder that is DALL·E Mini's image tokenizer.
 
-This is the image tokenizer of DALL·E Mini: `decode_code` turns the 256 image
-tokens DalleBart samples into a 256x256 picture, `encode` turns pictures into
-tokens (training data). Parameter names match the tree of
-`dalle-mini/vqgan_imagenet_f16_16384` (vqgan-jax `VQModel`), so loading a
-checkpoint is reading the msgpack tree and nothing else:
+`decode_code` turns the image tokens DalleBart samples into a picture, `encode`
+turns pictures into tokens. Written as pure functions of a parameter tree whose
+names are exactly those of `dalle-mini/vqgan_imagenet_f16_16384` (vqgan-jax
+`VQModel`), so loading is reading the tree:
 
     encoder/{conv_in, down_{i}/{block_{j}, attn_{j}, downsample/conv}, mid/{block_1, attn_1, block_2}, norm_out, conv_out}
     decoder/{conv_in, mid/..., up_{i}/{block_{j}, attn_{j}, upsample/conv}, norm_out, conv_out}
@@ -12,10 +11,13 @@ checkpoint is reading the msgpack tree and nothing else:
     quant_conv, post_quant_conv      1x1 convs between z_channels and embed_dim
 
 `down_{i}` / `up_{i}` are indexed by resolution level (0 = full resolution);
-the decoder applies `up_{n-1}` first. Everything is NHWC. `dtype` is the
-compute dtype, `param_dtype` the dtype of freshly initialised parameters;
-GroupNorm statistics, the attention softmax and the codebook distances are
-always computed in float32.
+the decoder applies `up_{n-1}` first. Everything is NHWC. The functions compute
+in the dtype of the parameters; GroupNorm statistics, the attention softmax and
+the codebook distances are taken in float32.
+
+Every convolution goes through `conv_op` (`jax.lax.conv_general_dilated`'s
+signature), an argument of the functions that training differentiates: the
+trainer passes one whose kernel gradient is faster on the CPU.
 """
 
 from __future__ import annotations
@@ -23,41 +25,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
-from dataclasses import dataclass
-from functools import partial
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from palette.stages.checkpoint import (
-    cast_params,
-    check_tree,
-    read_config,
-    read_params,
-    resolve_model_dir,
-    write_checkpoint,
-)
+from palette.stages.checkpoint import Pretrained, UnsupportedConfigError, known_fields
 
 log = logging.getLogger(__name__)
 
-Dtype = Any
+Params = dict[str, Any]
+ConvOp = Callable[..., jax.Array]
 
 # The taming-transformers GroupNorm: 32 groups hard-coded, eps 1e-6.
 NORM_GROUPS = 32
 NORM_EPS = 1e-6
 
-# Weight of the commitment term in the VQ-VAE loss (van den Oord et al.; taming uses 0.25 too).
-COMMITMENT_BETA = 0.25
 
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class VQGANConfig:
     """Sizes and flags of a VQGAN; key names are those of vqgan-jax's `VQGANConfig`.
 
@@ -82,12 +68,11 @@ class VQGANConfig:
     give_pre_end: bool = False
 
     def __post_init__(self) -> None:
-        # Lists from JSON become tuples so the config is hashable (it is a module attribute).
+        # Lists from JSON become tuples so the config is hashable (a static argument of jit).
         object.__setattr__(self, "ch_mult", tuple(int(m) for m in self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(int(r) for r in self.attn_resolutions))
-        self._validate()
+        self.validate()
 
-    # Derived sizes: the config is the single source of every size in this file.
     @property
     def num_resolutions(self) -> int:
         return len(self.ch_mult)
@@ -102,9 +87,9 @@ class VQGANConfig:
         """Side of the latent grid for an image of side `resolution` (16 for the released model)."""
         return self.resolution // self.downsample_factor
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
         def refuse(flag: str, value: Any, why: str) -> None:
-            raise ValueError(f"VQGAN config: {flag}={value!r} is not supported: {why}")
+            raise UnsupportedConfigError(f"VQGAN config: {flag}={value!r} is not supported: {why}")
 
         for name in ("ch", "out_ch", "in_channels", "num_res_blocks", "resolution", "z_channels", "n_embed", "embed_dim"):
             value = getattr(self, name)
@@ -132,24 +117,22 @@ class VQGANConfig:
         if not 0.0 <= float(self.dropout) < 1.0:
             refuse("dropout", self.dropout, "must be in [0, 1)")
         if self.dropout:
-            # The original runs its decoder deterministically, so dropout changes no served output;
-            # forward_train does not apply it either.
+            # The original runs its decoder deterministically, so dropout changes no served output.
             log.warning("VQGAN config: dropout=%s is ignored (inference is deterministic, training runs without it)",
                         self.dropout)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VQGANConfig":
+    def from_dict(cls, raw: Mapping[str, Any]) -> "VQGANConfig":
         """Read a config.json dict; unknown keys (architectures, transformers_version, ...) are ignored."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in fields}
+        kwargs = known_fields(cls, raw)
         for flag in ("double_z", "resamp_with_conv", "give_pre_end"):
             if flag in kwargs and not isinstance(kwargs[flag], (bool, np.bool_)):
-                raise ValueError(f"VQGAN config: {flag}={kwargs[flag]!r} must be true or false")
+                raise UnsupportedConfigError(f"VQGAN config: {flag}={kwargs[flag]!r} must be true or false")
         config = cls(**kwargs)
         # vqgan-jax writes num_resolutions but recomputes it from ch_mult; a disagreement means a broken file.
-        if "num_resolutions" in d and int(d["num_resolutions"]) != config.num_resolutions:
-            raise ValueError(
-                f"VQGAN config: num_resolutions={d['num_resolutions']} does not match len(ch_mult)="
+        if "num_resolutions" in raw and int(raw["num_resolutions"]) != config.num_resolutions:
+            raise UnsupportedConfigError(
+                f"VQGAN config: num_resolutions={raw['num_resolutions']} does not match len(ch_mult)="
                 f"{config.num_resolutions} (ch_mult={list(config.ch_mult)})"
             )
         return config
@@ -167,503 +150,282 @@ class VQGANConfig:
         return d
 
 
-# --------------------------------------------------------------------------- layers
+# ----------------------------------------------------------------------------- building blocks
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-#: Input channels from which the weight gradient is taken as one matmul (see `_conv_matmul_wgrad`).
-MATMUL_WGRAD_MIN_CHANNELS = 64
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_matmul_wgrad(x, kernel, strides, padding, precision):
-    """A plain NHWC/HWIO convolution whose kernel gradient is an im2col matmul.
-
-    The forward pass (all that serving runs) is `lax.conv_general_dilated` itself. Only the
-    backward pass differs: XLA:CPU's own kernel gradient of a 64-channel 3x3 conv runs about
-    3x slower than the same contraction written as [k*k*C_in, N] @ [N, C_out], and that
-    gradient dominates a VQGAN training step on the CPU. Same numbers up to float rounding.
-    """
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision)
-
-
-def _conv_matmul_wgrad_fwd(x, kernel, strides, padding, precision):
-    return _conv_matmul_wgrad(x, kernel, strides, padding, precision), (x, kernel)
-
-
-def _conv_matmul_wgrad_bwd(strides, padding, precision, residuals, g):
-    x, kernel = residuals
-    kh, kw, cin, cout = kernel.shape
-    conv_of_x = lambda x_: jax.lax.conv_general_dilated(  # noqa: E731
-        x_, kernel, strides, padding, dimension_numbers=_NHWC, precision=precision)
-    (dx,) = jax.vjp(conv_of_x, x)[1](g)
-    xp = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-    ho, wo = g.shape[1], g.shape[2]
-    sh, sw = strides
-    cols = jnp.concatenate([xp[:, i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw, :]
-                            for i in range(kh) for j in range(kw)], axis=-1)
-    dk = jnp.dot(cols.reshape(-1, kh * kw * cin).T, g.reshape(-1, cout), precision=precision)
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_conv_matmul_wgrad.defvjp(_conv_matmul_wgrad_fwd, _conv_matmul_wgrad_bwd)
-
-
-def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """What nn.Conv calls: the matmul-gradient conv for wide plain convs, XLA's own for the rest."""
-    plain = (feature_group_count == 1 and not kwargs and all(d == 1 for d in (lhs_dilation or (1,)))
-             and all(d == 1 for d in (rhs_dilation or (1,))) and not isinstance(padding, str))
-    if plain and rhs.shape[2] >= MATMUL_WGRAD_MIN_CHANNELS:
-        pads = tuple(tuple(int(v) for v in p) for p in padding)
-        return _conv_matmul_wgrad(lhs, rhs, tuple(int(s) for s in window_strides), pads, precision)
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                        feature_group_count=feature_group_count, precision=precision, **kwargs)
-
-
-def _conv(features: int, kernel: int, name: str, dtype: Dtype, param_dtype: Dtype, stride: int = 1, padding: Any = None):
-    # 3x3 convs pad 1 on each side ("same" for stride 1); 1x1 convs need none.
+def conv(x: jax.Array, p: Mapping[str, jax.Array], conv_op: ConvOp, stride: int = 1,
+         padding: tuple[tuple[int, int], tuple[int, int]] | None = None) -> jax.Array:
+    """NHWC convolution with `kernel` [k, k, in, out] and `bias`; a 3x3 kernel pads 1 on each side, a 1x1 none."""
+    kernel = p["kernel"]
     if padding is None:
-        padding = ((1, 1), (1, 1)) if kernel == 3 else ((0, 0), (0, 0))
-    return nn.Conv(
-        features,
-        kernel_size=(kernel, kernel),
-        strides=(stride, stride),
-        padding=padding,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        name=name,
-        conv_general_dilated=_conv_general_dilated,
-    )
+        pad = (kernel.shape[0] - 1) // 2
+        padding = ((pad, pad), (pad, pad))
+    y = conv_op(x, kernel, (stride, stride), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p["bias"].reshape(1, 1, 1, -1)
 
 
-def _norm(name: str, dtype: Dtype, param_dtype: Dtype):
-    # Contiguous channel groups, stats over (H, W, group channels), per-channel scale/bias: flax's
-    # GroupNorm is exactly taming's. Two-pass variance: E[x^2]-E[x]^2 loses digits for large means.
-    return nn.GroupNorm(
-        num_groups=NORM_GROUPS, epsilon=NORM_EPS, use_fast_variance=False, dtype=dtype, param_dtype=param_dtype, name=name
-    )
+def group_norm(x: jax.Array, p: Mapping[str, jax.Array]) -> jax.Array:
+    """GroupNorm over contiguous channel groups (statistics over H, W and the group, in float32),
+    per-channel scale and bias: taming's, and flax's with its two-pass variance."""
+    b, h, w, c = x.shape
+    g = x.reshape(b, h, w, NORM_GROUPS, c // NORM_GROUPS).astype(jnp.float32)
+    mean = g.mean((1, 2, 4))
+    var = jnp.square(g - mean[:, None, None, :, None]).mean((1, 2, 4))
+    mean = jnp.repeat(mean, c // NORM_GROUPS, axis=-1)[:, None, None, :]
+    var = jnp.repeat(var, c // NORM_GROUPS, axis=-1)[:, None, None, :]
+    y = x - mean
+    mul = jax.lax.rsqrt(var + NORM_EPS) * p["scale"].reshape(1, 1, 1, c)
+    y = y * mul + p["bias"].reshape(1, 1, 1, c)
+    return y.astype(x.dtype)
 
 
 def swish(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(x)
 
 
-class ResnetBlock(nn.Module):
+def resnet_block(x: jax.Array, p: Params, conv_op: ConvOp) -> jax.Array:
     """conv(swish(norm(x))) twice, plus x (through a 1x1 `nin_shortcut` when the width changes)."""
-
-    out_channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt, pdt = self.dtype, self.param_dtype
-        h = _conv(self.out_channels, 3, "conv1", dt, pdt)(swish(_norm("norm1", dt, pdt)(x)))
-        h = _conv(self.out_channels, 3, "conv2", dt, pdt)(swish(_norm("norm2", dt, pdt)(h)))
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, "nin_shortcut", dt, pdt)(x)
-        return x + h
+    h = conv(swish(group_norm(x, p["norm1"])), p["conv1"], conv_op)
+    h = conv(swish(group_norm(h, p["norm2"])), p["conv2"], conv_op)
+    if "nin_shortcut" in p:
+        x = conv(x, p["nin_shortcut"], conv_op)
+    return x + h
 
 
-class AttnBlock(nn.Module):
+def attention_block(x: jax.Array, p: Params, conv_op: ConvOp) -> jax.Array:
     """Single-head self-attention over all H*W positions (row-major), residual."""
-
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt, pdt = self.dtype, self.param_dtype
-        b, height, width, c = x.shape
-        h = _norm("norm", dt, pdt)(x)
-        q = _conv(c, 1, "q", dt, pdt)(h).reshape(b, height * width, c)
-        k = _conv(c, 1, "k", dt, pdt)(h).reshape(b, height * width, c)
-        v = _conv(c, 1, "v", dt, pdt)(h).reshape(b, height * width, c)
-        scores = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
-        weights = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, height, width, c)
-        return x + _conv(c, 1, "proj_out", dt, pdt)(out)
+    b, height, width, c = x.shape
+    h = group_norm(x, p["norm"])
+    q = conv(h, p["q"], conv_op).reshape(b, height * width, c)
+    k = conv(h, p["k"], conv_op).reshape(b, height * width, c)
+    v = conv(h, p["v"], conv_op).reshape(b, height * width, c)
+    scores = jnp.einsum("bqc,bkc->bqk", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
+    weights = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    out = jnp.einsum("bqk,bkc->bqc", weights, v).reshape(b, height, width, c)
+    return x + conv(out, p["proj_out"], conv_op)
 
 
-class Upsample(nn.Module):
-    """Nearest-neighbour x2 (each pixel becomes a 2x2 block), then a 3x3 conv when `with_conv`."""
-
-    with_conv: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        if self.with_conv:
-            x = _conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype)(x)
-        return x
+def downsample(x: jax.Array, p: Params | None, conv_op: ConvOp) -> jax.Array:
+    """Halve H and W: 3x3 stride-2 conv padded only bottom/right (taming's asymmetric pad), or, without
+    one (resamp_with_conv=false), a 2x2 average pool."""
+    if p is not None:
+        return conv(x, p["conv"], conv_op, stride=2, padding=((0, 1), (0, 1)))
+    return jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
 
 
-class Downsample(nn.Module):
-    """Halve H and W: 3x3 stride-2 conv padded only bottom/right (taming's asymmetric pad), or 2x2 average pool."""
-
-    with_conv: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        if self.with_conv:
-            return _conv(x.shape[-1], 3, "conv", self.dtype, self.param_dtype, stride=2, padding=((0, 1), (0, 1)))(x)
-        return nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2), padding="VALID")
+def upsample(x: jax.Array, p: Params | None, conv_op: ConvOp) -> jax.Array:
+    """Nearest-neighbour x2 (each pixel becomes a 2x2 block), then a 3x3 conv when there is one."""
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return x if p is None else conv(x, p["conv"], conv_op)
 
 
-class MidBlock(nn.Module):
-    """block_1, attn_1, block_2 at the lowest resolution (same in encoder and decoder)."""
-
-    channels: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt, pdt = self.dtype, self.param_dtype
-        x = ResnetBlock(self.channels, dt, pdt, name="block_1")(x)
-        x = AttnBlock(dt, pdt, name="attn_1")(x)
-        return ResnetBlock(self.channels, dt, pdt, name="block_2")(x)
+def level(x: jax.Array, p: Params, num_blocks: int, resample: Callable | None, conv_op: ConvOp) -> jax.Array:
+    """One resolution level: `num_blocks` x [block_j (+ attn_j)], then `resample` (downsample or upsample), if any."""
+    for j in range(num_blocks):
+        x = resnet_block(x, p[f"block_{j}"], conv_op)
+        if f"attn_{j}" in p:
+            x = attention_block(x, p[f"attn_{j}"], conv_op)
+    if resample is not None:  # its params are named after it; absent when resamp_with_conv is false
+        x = resample(x, p.get(resample.__name__), conv_op)
+    return x
 
 
-class Level(nn.Module):
-    """One resolution level: `num_blocks` x [block_j (+ attn_j)], then `downsample` or `upsample` if asked."""
-
-    out_channels: int
-    num_blocks: int
-    use_attn: bool
-    resample: str | None  # "downsample", "upsample" or None (the last level of each side)
-    resamp_with_conv: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt, pdt = self.dtype, self.param_dtype
-        for j in range(self.num_blocks):
-            x = ResnetBlock(self.out_channels, dt, pdt, name=f"block_{j}")(x)
-            if self.use_attn:
-                x = AttnBlock(dt, pdt, name=f"attn_{j}")(x)
-        if self.resample == "downsample":
-            x = Downsample(self.resamp_with_conv, dt, pdt, name="downsample")(x)
-        elif self.resample == "upsample":
-            x = Upsample(self.resamp_with_conv, dt, pdt, name="upsample")(x)
-        return x
+def mid_block(x: jax.Array, p: Params, conv_op: ConvOp) -> jax.Array:
+    """block_1, attn_1, block_2 at the lowest resolution (the same in encoder and decoder)."""
+    x = resnet_block(x, p["block_1"], conv_op)
+    x = attention_block(x, p["attn_1"], conv_op)
+    return resnet_block(x, p["block_2"], conv_op)
 
 
-class Encoder(nn.Module):
-    """Image [B, H, W, in_channels] -> z [B, H/f, W/f, z_channels], f = 2**(num_resolutions-1)."""
-
-    config: VQGANConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        h = _conv(cfg.ch, 3, "conv_in", dt, pdt)(x.astype(dt))
-        # Attention placement follows the config's nominal resolution, as in the original
-        # (not the input's actual size), so the same levels attend for any image size.
-        curr_res = cfg.resolution
-        for i, mult in enumerate(cfg.ch_mult):
-            last = i == cfg.num_resolutions - 1
-            h = Level(
-                cfg.ch * mult,
-                cfg.num_res_blocks,
-                use_attn=curr_res in cfg.attn_resolutions,
-                resample=None if last else "downsample",
-                resamp_with_conv=cfg.resamp_with_conv,
-                dtype=dt,
-                param_dtype=pdt,
-                name=f"down_{i}",
-            )(h)
-            if not last:
-                curr_res //= 2
-        h = MidBlock(cfg.ch * cfg.ch_mult[-1], dt, pdt, name="mid")(h)
-        h = swish(_norm("norm_out", dt, pdt)(h))
-        return _conv(cfg.z_channels, 3, "conv_out", dt, pdt)(h)
+# ----------------------------------------------------------------------------- encoder, codebook, decoder
 
 
-class Decoder(nn.Module):
+def encoder(p: Params, x: jax.Array, config: VQGANConfig, conv_op: ConvOp) -> jax.Array:
+    """Image [B, H, W, in_channels] -> z [B, H/f, W/f, z_channels], f = downsample_factor."""
+    h = conv(x, p["conv_in"], conv_op)
+    last = config.num_resolutions - 1
+    for i in range(config.num_resolutions):
+        # A level without blocks or downsampling (num_res_blocks=0, the last level) has no parameters.
+        h = level(h, p.get(f"down_{i}", {}), config.num_res_blocks, None if i == last else downsample, conv_op)
+    h = mid_block(h, p["mid"], conv_op)
+    return conv(swish(group_norm(h, p["norm_out"])), p["conv_out"], conv_op)
+
+
+def decoder(p: Params, z: jax.Array, config: VQGANConfig, conv_op: ConvOp) -> jax.Array:
     """z [B, h, w, z_channels] -> image [B, h*f, w*f, out_ch] (raw, roughly [0, 1] for the released model)."""
-
-    config: VQGANConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, z: jax.Array) -> jax.Array:
-        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        h = _conv(cfg.ch * cfg.ch_mult[-1], 3, "conv_in", dt, pdt)(z.astype(dt))
-        h = MidBlock(cfg.ch * cfg.ch_mult[-1], dt, pdt, name="mid")(h)
-        curr_res = cfg.resolution // cfg.downsample_factor
-        for i in reversed(range(cfg.num_resolutions)):
-            h = Level(
-                cfg.ch * cfg.ch_mult[i],
-                cfg.num_res_blocks + 1,  # the decoder has one more block per level than the encoder
-                use_attn=curr_res in cfg.attn_resolutions,
-                resample=None if i == 0 else "upsample",
-                resamp_with_conv=cfg.resamp_with_conv,
-                dtype=dt,
-                param_dtype=pdt,
-                name=f"up_{i}",
-            )(h)
-            if i != 0:
-                curr_res *= 2
-        h = swish(_norm("norm_out", dt, pdt)(h))
-        return _conv(cfg.out_ch, 3, "conv_out", dt, pdt)(h)
+    h = conv(z, p["conv_in"], conv_op)
+    h = mid_block(h, p["mid"], conv_op)
+    for i in reversed(range(config.num_resolutions)):
+        # The decoder has one block per level more than the encoder.
+        h = level(h, p[f"up_{i}"], config.num_res_blocks + 1, None if i == 0 else upsample, conv_op)
+    return conv(swish(group_norm(h, p["norm_out"])), p["conv_out"], conv_op)
 
 
-class VectorQuantizer(nn.Module):
-    """The codebook `embedding/embedding` [n_embed, embed_dim] and nearest-code search."""
-
-    n_embed: int
-    embed_dim: int
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self) -> None:
-        # taming initialises the codebook U(-1/n, 1/n).
-        bound = 1.0 / self.n_embed
-        self.embedding = nn.Embed(
-            self.n_embed,
-            self.embed_dim,
-            embedding_init=lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound),
-            param_dtype=self.param_dtype,
-        )
-
-    def codebook(self) -> jax.Array:
-        return self.embedding.embedding
-
-    def lookup(self, codes: jax.Array) -> jax.Array:
-        """codes int [...] -> vectors [..., embed_dim] in the compute dtype."""
-        return jnp.take(self.codebook(), codes, axis=0).astype(self.dtype)
-
-    def nearest(self, z: jax.Array) -> jax.Array:
-        """Index of the nearest code for each vector of z [..., embed_dim] -> int32 [...].
-
-        |z|^2 + |e|^2 - 2 z.e in float32 at full matmul precision whatever the compute dtype:
-        the index must not depend on bf16 rounding or TF32 matmuls. argmin takes the first
-        index on ties, like the original.
-        """
-        zf = z.astype(jnp.float32).reshape(-1, z.shape[-1])
-        e = self.codebook().astype(jnp.float32)
-        d = (
-            jnp.sum(zf**2, axis=-1, keepdims=True)
-            + jnp.sum(e**2, axis=-1)[None, :]
-            - 2.0 * jnp.dot(zf, e.T, precision=jax.lax.Precision.HIGHEST)
-        )
-        return jnp.argmin(d, axis=-1).astype(jnp.int32).reshape(z.shape[:-1])
-
-    def __call__(self, z: jax.Array) -> tuple[jax.Array, jax.Array]:
-        indices = self.nearest(z)
-        return self.lookup(indices), indices
+def encode_latents(params: Params, images: jax.Array, config: VQGANConfig,
+                   conv_op: ConvOp = jax.lax.conv_general_dilated) -> jax.Array:
+    """images [B, H, W, in_channels] in [0, 1] -> latents [B, h, w, embed_dim] (before quantisation)."""
+    x = images.astype(params["encoder"]["conv_in"]["kernel"].dtype)
+    return conv(encoder(params["encoder"], x, config, conv_op), params["quant_conv"], conv_op)
 
 
-class VQModel(nn.Module):
-    """Encoder + codebook + decoder; top-level parameter names as in the released checkpoint."""
+def nearest_codes(codebook: jax.Array, z: jax.Array) -> jax.Array:
+    """Index of the nearest code for each vector of z [..., embed_dim] -> int32 [...].
 
-    config: VQGANConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
-    def setup(self) -> None:
-        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        self.encoder = Encoder(cfg, dt, pdt)
-        self.decoder = Decoder(cfg, dt, pdt)
-        self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, dt, pdt)
-        self.quant_conv = _conv(cfg.embed_dim, 1, None, dt, pdt)
-        self.post_quant_conv = _conv(cfg.z_channels, 1, None, dt, pdt)
-
-    def encode_latents(self, images: jax.Array) -> jax.Array:
-        """images [B, H, W, in_channels] in [0, 1] -> latents [B, h, w, embed_dim] (before quantisation)."""
-        return self.quant_conv(self.encoder(images))
-
-    def encode(self, images: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """-> (quantized [B,h,w,embed_dim], indices int32 [B, h*w] row-major, latents [B,h,w,embed_dim])."""
-        latents = self.encode_latents(images)
-        quantized, indices = self.quantize(latents)
-        return quantized, indices.reshape(indices.shape[0], -1), latents
-
-    def decode(self, quantized: jax.Array) -> jax.Array:
-        """Codebook vectors [B, h, w, embed_dim] -> raw image [B, h*f, w*f, out_ch]."""
-        return self.decoder(self.post_quant_conv(quantized))
-
-    def decode_code(self, codes: jax.Array) -> jax.Array:
-        """codes int [B, N], N = side**2, row-major over the square latent grid -> raw image."""
-        b, n = codes.shape
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"decode_code needs a square latent grid: got {n} codes per image, not a perfect square")
-        z = self.quantize.lookup(codes.astype(jnp.int32)).reshape(b, side, side, self.config.embed_dim)
-        return self.decode(z)
-
-    def forward_train(self, images: jax.Array, beta: float = COMMITMENT_BETA) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """Reconstruction with the straight-through estimator, and the VQ losses.
-
-        codebook_loss = |sg(z) - e|^2 moves the codes towards the encoder outputs,
-        commitment_loss = |z - sg(e)|^2 keeps the encoder near its codes;
-        vq_loss = codebook_loss + beta * commitment_loss. The decoder sees
-        z + sg(e - z): the value of e, the gradient of z.
-        """
-        z = self.encode_latents(images)
-        zq, indices = self.quantize(z)
-        z32, zq32 = z.astype(jnp.float32), zq.astype(jnp.float32)
-        codebook_loss = jnp.mean((jax.lax.stop_gradient(z32) - zq32) ** 2)
-        commitment_loss = jnp.mean((z32 - jax.lax.stop_gradient(zq32)) ** 2)
-        z_st = z + jax.lax.stop_gradient(zq - z)
-        reconstruction = self.decode(z_st).astype(jnp.float32)
-        aux = {
-            "codebook_loss": codebook_loss,
-            "commitment_loss": commitment_loss,
-            "vq_loss": codebook_loss + beta * commitment_loss,
-            "indices": indices.reshape(indices.shape[0], -1),
-            "latents": z,
-        }
-        return reconstruction, aux
-
-    def __call__(self, images: jax.Array) -> jax.Array:
-        """encode -> quantize -> decode; used to create every parameter at init."""
-        quantized, _, _ = self.encode(images)
-        return self.decode(quantized)
+    |z|^2 + |e|^2 - 2 z.e in float32 at full matmul precision whatever the compute dtype:
+    the index must not depend on bf16 rounding or TF32 matmuls. argmin takes the first
+    index on ties, like the original.
+    """
+    zf = z.astype(jnp.float32).reshape(-1, z.shape[-1])
+    e = codebook.astype(jnp.float32)
+    d = (jnp.sum(zf**2, axis=-1, keepdims=True) + jnp.sum(e**2, axis=-1)[None, :]
+         - 2.0 * jnp.dot(zf, e.T, precision=jax.lax.Precision.HIGHEST))
+    return jnp.argmin(d, axis=-1).astype(jnp.int32).reshape(z.shape[:-1])
 
 
-# --------------------------------------------------------------------------- wrapper
+def decode(params: Params, quantized: jax.Array, config: VQGANConfig,
+           conv_op: ConvOp = jax.lax.conv_general_dilated) -> jax.Array:
+    """Codebook vectors [B, h, w, embed_dim] -> raw image [B, h*f, w*f, out_ch]."""
+    return decoder(params["decoder"], conv(quantized, params["post_quant_conv"], conv_op), config, conv_op)
 
 
-# Jitted bodies: pure functions of (params, inputs), with the flax module as a static
-# argument. Modules with the same config and dtype compare equal, so every VQGAN
-# instance of one configuration shares one compiled function per input shape.
+def encode(params: Params, images: jax.Array, config: VQGANConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """images [B, H, W, in_channels] in [0, 1] -> (quantized [B, h, w, embed_dim] float32, indices int32
+    [B, h*w] row-major, latents [B, h, w, embed_dim] float32)."""
+    codebook = params["quantize"]["embedding"]["embedding"]
+    latents = encode_latents(params, images, config)
+    indices = nearest_codes(codebook, latents)
+    quantized = jnp.take(codebook, indices, axis=0)
+    return (quantized.astype(jnp.float32), indices.reshape(indices.shape[0], -1), latents.astype(jnp.float32))
 
 
-@partial(jax.jit, static_argnums=0)
-def _decode_code(module: VQModel, params, codes):
-    return module.apply({"params": params}, jnp.asarray(codes), method=VQModel.decode_code).astype(jnp.float32)
+def decode_code(params: Params, codes: jax.Array, config: VQGANConfig) -> jax.Array:
+    """codes int [B, N], N = side**2, row-major over the square latent grid -> float32 raw image [B, H, W, out_ch]."""
+    b, n = codes.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"decode_code needs a square latent grid: got {n} codes per image, not a perfect square")
+    codebook = params["quantize"]["embedding"]["embedding"]
+    z = jnp.take(codebook, codes.astype(jnp.int32), axis=0).reshape(b, side, side, config.embed_dim)
+    return decode(params, z, config).astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnums=0)
-def _decode_images(module: VQModel, params, codes):
-    out = module.apply({"params": params}, jnp.asarray(codes), method=VQModel.decode_code).astype(jnp.float32)
-    # uint8 on the device: a quarter of the bytes to fetch, and the pixels the pipeline serves.
+def decode_images(params: Params, codes: jax.Array, config: VQGANConfig) -> jax.Array:
+    """codes int [B, N] -> uint8 [B, H, W, out_ch]: the output clipped to [0, 1], times 255, rounded
+    (on the device: a quarter of the bytes to fetch, and the pixels the pipeline serves)."""
+    out = decode_code(params, codes, config)
     return jnp.round(jnp.clip(out, 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
-@partial(jax.jit, static_argnums=0)
-def _encode(module: VQModel, params, images):
-    quantized, indices, latents = module.apply({"params": params}, jnp.asarray(images), method=VQModel.encode)
-    return quantized.astype(jnp.float32), indices, latents.astype(jnp.float32)
+# ----------------------------------------------------------------------------- parameters
 
 
-def _canonical_dtype(dtype: Any) -> jnp.dtype:
-    try:
-        return jnp.dtype(dtype)
-    except TypeError as err:
-        raise ValueError(f"VQGAN dtype must be float32, bfloat16 or float16, got {dtype!r}") from err
+def param_shapes(config: VQGANConfig) -> Params:
+    """The parameter tree `config` implies, as float32 ShapeDtypeStructs."""
+
+    def conv_p(n_in: int, n_out: int, k: int = 3) -> Params:
+        return {"kernel": jax.ShapeDtypeStruct((k, k, n_in, n_out), jnp.float32),
+                "bias": jax.ShapeDtypeStruct((n_out,), jnp.float32)}
+
+    def norm_p(n: int) -> Params:
+        return {"scale": jax.ShapeDtypeStruct((n,), jnp.float32), "bias": jax.ShapeDtypeStruct((n,), jnp.float32)}
+
+    def block_p(n_in: int, n_out: int) -> Params:
+        p = {"norm1": norm_p(n_in), "conv1": conv_p(n_in, n_out), "norm2": norm_p(n_out), "conv2": conv_p(n_out, n_out)}
+        if n_in != n_out:
+            p["nin_shortcut"] = conv_p(n_in, n_out, 1)
+        return p
+
+    def attn_p(n: int) -> Params:
+        return {"norm": norm_p(n), **{name: conv_p(n, n, 1) for name in ("q", "k", "v", "proj_out")}}
+
+    def level_p(n_in: int, n_out: int, blocks: int, attend: bool, resample: str | None) -> tuple[Params, int]:
+        """A level's params and its output width (its input width when it has no blocks)."""
+        p: Params = {}
+        for j in range(blocks):
+            p[f"block_{j}"] = block_p(n_in if j == 0 else n_out, n_out)
+            if attend:
+                p[f"attn_{j}"] = attn_p(n_out)
+        width = n_out if blocks else n_in
+        if resample and config.resamp_with_conv:
+            p[resample] = {"conv": conv_p(width, width)}
+        return p, width
+
+    def mid_p(n_in: int, n: int) -> Params:
+        return {"block_1": block_p(n_in, n), "attn_1": attn_p(n), "block_2": block_p(n, n)}
+
+    ch, mult, last = config.ch, config.ch_mult, config.num_resolutions - 1
+    top = ch * mult[-1]
+    enc: Params = {"conv_in": conv_p(config.in_channels, ch)}
+    res, width = config.resolution, ch
+    for i, m in enumerate(mult):  # attention placement follows the nominal resolution, as in the original
+        down, width = level_p(width, ch * m, config.num_res_blocks, res in config.attn_resolutions,
+                              None if i == last else "downsample")
+        if down:  # a level without blocks or downsampling has no parameters
+            enc[f"down_{i}"] = down
+        res = res if i == last else res // 2
+    enc.update(mid=mid_p(width, top), norm_out=norm_p(top), conv_out=conv_p(top, config.z_channels))
+    dec: Params = {"conv_in": conv_p(config.z_channels, top), "mid": mid_p(top, top)}
+    width = top
+    for i in reversed(range(config.num_resolutions)):
+        dec[f"up_{i}"], width = level_p(width, ch * mult[i], config.num_res_blocks + 1,
+                                        res in config.attn_resolutions, None if i == 0 else "upsample")
+        res = res if i == 0 else res * 2
+    dec.update(norm_out=norm_p(ch * mult[0]), conv_out=conv_p(ch * mult[0], config.out_ch))
+    return {"encoder": enc, "decoder": dec,
+            "quantize": {"embedding": {"embedding": jax.ShapeDtypeStruct((config.n_embed, config.embed_dim),
+                                                                         jnp.float32)}},
+            "quant_conv": conv_p(config.z_channels, config.embed_dim, 1),
+            "post_quant_conv": conv_p(config.embed_dim, config.z_channels, 1)}
 
 
-def _host_init(shapes: Mapping[str, Any], rng: np.random.Generator, n_embed: int) -> dict[str, Any]:
-    """Draw the module's initial distributions with numpy.
+def init_params(config: VQGANConfig, seed: int = 0) -> Params:
+    """Fresh float32 weights drawn on the host with numpy, leaf by leaf in the tree's (sorted) order:
+    conv kernels N(0, 1/fan_in) (lecun normal), biases 0, norm scales 1, the codebook U(-1/n, 1/n)."""
+    rng = np.random.default_rng(seed)
 
-    Compiling the network's `init` costs seconds on a CPU (minutes for the released size);
-    drawing on the host costs nothing. Same distributions as the module's initialisers:
-    conv kernels N(0, 1/fan_in) (lecun normal), biases 0, norm scales 1, codebook U(-1/n, 1/n).
-    """
-    out: dict[str, Any] = {}
-    for name, leaf in shapes.items():
-        if isinstance(leaf, Mapping):
-            out[name] = _host_init(leaf, rng, n_embed)
-            continue
-        shape = tuple(leaf.shape)
+    def draw(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> np.ndarray:
+        name, shape = path[-1].key, tuple(leaf.shape)
         if name == "kernel":
             value = rng.normal(0.0, 1.0 / math.sqrt(math.prod(shape[:-1])), size=shape)
         elif name == "embedding":
-            value = rng.uniform(-1.0 / n_embed, 1.0 / n_embed, size=shape)
-        elif name == "scale":
-            value = np.ones(shape)
-        elif name == "bias":
-            value = np.zeros(shape)
-        else:  # pragma: no cover - every VQGAN leaf is one of the above
-            raise AssertionError(f"no initialiser for parameter {name!r}")
-        out[name] = value.astype(np.float32)
-    return out
+            value = rng.uniform(-1.0 / config.n_embed, 1.0 / config.n_embed, size=shape)
+        else:
+            value = np.ones(shape) if name == "scale" else np.zeros(shape)
+        return value.astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, param_shapes(config))
 
 
-class VQGAN:
-    """A VQGAN ready to run: `config`, `params` (plain nested dict) and the flax `module`.
+# ----------------------------------------------------------------------------- the model object
 
-    Every method is a jitted pure function of (params, inputs), compiled once per input
-    shape (and shared by all instances of one config and dtype). `params` defaults to
-    `self.params`; pass a placed copy (e.g. `jax.device_put(vq.params, NamedSharding(mesh, P()))`)
-    together with batches sharded on the leading axis and XLA partitions the work accordingly.
+# Jitted at the boundary, once per config and input shape (a static argument): every model of one
+# configuration shares the compiled function.
+_decode_code = jax.jit(decode_code, static_argnames="config")
+_decode_images = jax.jit(decode_images, static_argnames="config")
+_encode = jax.jit(encode, static_argnames="config")
+
+
+class VQGAN(Pretrained):
+    """A loaded VQGAN: config + params (the released tree, in the compute dtype).
+
+    Each method is a jitted pure function of (params, inputs); `params` defaults to `self.params`.
+    Pass a placed copy (e.g. replicated on a mesh) with batches sharded on the leading axis and
+    XLA partitions the work accordingly.
     """
 
-    def __init__(self, config: VQGANConfig, params: Mapping[str, Any], dtype: Any = jnp.float32):
-        self.config = config
-        self.dtype = _canonical_dtype(dtype)
-        self.module = VQModel(config, dtype=self.dtype, param_dtype=self.dtype)
-        self.params = params
+    config_class = VQGANConfig
+    param_shapes = staticmethod(param_shapes)
+    init_params = staticmethod(init_params)
 
-    # ---- construction
-
-    @classmethod
-    def from_pretrained(cls, ref: str | os.PathLike, dtype: Any = jnp.float32) -> "VQGAN":
-        """Load a folder (or hub id) holding config.json + flax_model.msgpack; params cast to `dtype`."""
-        model_dir = resolve_model_dir(ref)
-        config = VQGANConfig.from_dict(read_config(model_dir))
-        params = read_params(model_dir)
-        dtype = _canonical_dtype(dtype)
-        check_tree(cls.param_shapes(config), params, f"VQGAN checkpoint {model_dir}")
-        params = jax.device_put(cast_params(params, dtype))
-        return cls(config, params, dtype)
-
-    @classmethod
-    def init_random(cls, config: VQGANConfig | Mapping[str, Any], seed: int = 0, dtype: Any = jnp.float32) -> "VQGAN":
-        """Fresh weights (the module's initial distributions, drawn on the host); for tests, benchmarks, training."""
-        if not isinstance(config, VQGANConfig):
-            config = VQGANConfig.from_dict(config)
-        dtype = _canonical_dtype(dtype)
-        params = _host_init(cls.param_shapes(config), np.random.default_rng(seed), config.n_embed)
-        return cls(config, jax.device_put(cast_params(params, dtype)), dtype)
-
-    @staticmethod
-    def param_shapes(config: VQGANConfig) -> dict[str, Any]:
-        """The parameter tree `config` implies, as ShapeDtypeStructs (traced, nothing is computed)."""
-        module = VQModel(config)
-        # The smallest image that reaches a 1x1 latent grid: parameter shapes do not depend on it.
-        side = config.downsample_factor
-        dummy = jax.ShapeDtypeStruct((1, side, side, config.in_channels), jnp.float32)
-        return jax.eval_shape(module.init, jax.random.PRNGKey(0), dummy)["params"]
-
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
-        """Write config.json + flax_model.msgpack in the released layout (float32, no "params" wrapper)."""
-        write_checkpoint(folder, self.config.to_dict(), cast_params(jax.device_get(self.params), np.float32))
-
-    # ---- inference
-
-    def decode_code(self, codes: Any, params: Mapping[str, Any] | None = None) -> jax.Array:
+    def decode_code(self, codes: Any, params: Params | None = None) -> jax.Array:
         """codes int [B, N] (N = side**2, row-major) -> float32 [B, H, W, out_ch], raw decoder output (not clipped)."""
-        return _decode_code(self.module, self.params if params is None else params, codes)
+        return _decode_code(self.params if params is None else params, jnp.asarray(codes), self.config)
 
-    def decode_images(self, codes: Any, params: Mapping[str, Any] | None = None) -> jax.Array:
+    def decode_images(self, codes: Any, params: Params | None = None) -> jax.Array:
         """codes int [B, N] -> uint8 [B, H, W, out_ch]: output clipped to [0, 1], times 255, rounded."""
-        return _decode_images(self.module, self.params if params is None else params, codes)
+        return _decode_images(self.params if params is None else params, jnp.asarray(codes), self.config)
 
-    def encode(self, images: Any, params: Mapping[str, Any] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def encode(self, images: Any, params: Params | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """images float [B, H, W, in_channels] in [0, 1] -> (quantized [B,h,w,embed_dim] float32,
         indices int32 [B, h*w], latents [B,h,w,embed_dim] float32)."""
-        return _encode(self.module, self.params if params is None else params, images)
-
-    # ---- training
-
-    def forward_train(
-        self, params: Mapping[str, Any], images: jax.Array, beta: float = COMMITMENT_BETA
-    ) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(reconstruction float32 [B,H,W,out_ch], aux) with aux = {codebook_loss, commitment_loss,
-        vq_loss = codebook + beta * commitment, indices [B, h*w]}. Not jitted: differentiate and
-        jit it as part of the caller's train step."""
-        return self.module.apply({"params": params}, images, beta, method=VQModel.forward_train)
+        return _encode(self.params if params is None else params, jnp.asarray(images), self.config)
