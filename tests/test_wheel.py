@@ -4,6 +4,7 @@ folder (the embedded default model set is package data), with `palette generate`
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,11 +18,24 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 
 
+def source_copy(dst: Path) -> Path:
+    """The checkout's files as git sees them (tracked, and new ones it does not ignore): a wheel built
+    in the checkout itself would pick up stale files from an old build/ folder."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            check=True, capture_output=True).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dst / name)
+    return dst
+
+
 @pytest.mark.slow
 def test_the_wheel_serves_the_embedded_models_from_an_empty_folder(tmp_path):
     dist = tmp_path / "dist"
+    source = source_copy(tmp_path / "source")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(REPO)], check=True, capture_output=True, timeout=300)
+                    str(source)], check=True, capture_output=True, timeout=300)
     (wheel,) = dist.glob("palette-*.whl")
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)

@@ -59,7 +59,8 @@ def dallebart_config(encoder_vocab_size: int, image_vocab_size: int) -> DalleBar
 def clip_config(vocab_size: int) -> CLIPConfig:
     return CLIPConfig(
         # BOS and EOS are the tokenizer's last two ids, as in CLIP's vocabulary; EOS pads. Width 96:
-        # the embeddings hold position and background as well as colour, shape and size (README).
+        # the embeddings hold position and background as well as colour, shape and size
+        # (docs/default-model-set.md).
         text_config=CLIPTextConfig(vocab_size=vocab_size, hidden_size=96, intermediate_size=192,
                                    num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=MAX_TEXT_LENGTH,
                                    bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,

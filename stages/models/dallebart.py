@@ -1,7 +1,7 @@
 """DalleBart: the text-to-image-token seq2seq transformer of DALL·E Mini / Mega.
 
 Written as pure functions of a parameter tree whose names are exactly those of
-the released `flax_model.msgpack` (see `../shared/reference/README.md` §3), so
+the released `flax_model.msgpack` (see `tests/reference/README.md` §3), so
 loading is reading the tree. Layers are kept *per layer* at run time
 (`FlaxBartEncoderLayer_{i}` names): released checkpoints are stored scanned
 (every leaf stacked over a leading layer axis) and we unstack them once at load,
