@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 import venv
 from pathlib import Path
 
@@ -46,7 +47,8 @@ def test_the_wheel_serves_the_embedded_models_from_an_empty_folder(tmp_path):
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    server = subprocess.Popen([str(bin_dir / "palette"), "serve", "--port", "0", "--no-metrics", "--num-slots", "4"],
+    server = subprocess.Popen([str(bin_dir / "palette"), "serve", "--port", "0", "--http-port", "0", "--no-metrics",
+                               "--num-slots", "4"],
                               cwd=empty, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
     ready = threading.Event()
@@ -55,8 +57,8 @@ def test_the_wheel_serves_the_embedded_models_from_an_empty_folder(tmp_path):
     def read() -> None:
         for line in server.stderr:
             lines.append(line)
-            if match := re.search(r"serving on (\S+?:\d+)", line):
-                address.append(match.group(1))
+            if match := re.search(r"serving on (\S+?:\d+).*the web page on (\S+/)", line):
+                address.extend(match.groups())
                 ready.set()
 
     threading.Thread(target=read, daemon=True).start()
@@ -70,6 +72,8 @@ def test_the_wheel_serves_the_embedded_models_from_an_empty_folder(tmp_path):
         images = sorted(out.glob("0*-seed*.png"))
         assert [p.name for p in images] == ["00-seed3.png", "01-seed4.png"]
         assert all(Image.open(p).size == (64, 64) for p in images)
+        with urllib.request.urlopen(address[1], timeout=30) as page:  # http://127.0.0.1:<port>/, package data too
+            assert b"<title>Palette" in page.read()
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
