@@ -299,6 +299,12 @@ class PaletteCore:
         check_prompt(self.pipeline, prompt)
         return RankSession(self, call, prompt)
 
+    def start_rank_stream(self, first: pb.RankRequest | None, call: CallRecord) -> RankSession:
+        """A Rank call from its first message, which must carry the prompt (None: the stream was empty)."""
+        if first is None or first.WhichOneof("item") != "prompt":
+            raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
+        return self.start_rank(first.prompt, call)
+
     def rank_images(self, request: pb.RankImagesRequest, call: CallRecord) -> pb.RankImagesResponse:
         """RankImages: the same checks, limits and ranker as a Rank call, in one request."""
         session = self.start_rank(request.prompt, call)
@@ -338,6 +344,14 @@ class PaletteCore:
                 max_rank_call_bytes=cfg.max_rank_call_bytes, max_rank_aspect_ratio=cfg.max_rank_aspect_ratio,
                 max_queued_requests_per_caller=cfg.max_queued_per_caller,
                 default_top_k=self.pipeline.sampler.default_top_k))
+
+
+def rank_image(position: int, message: pb.RankRequest) -> bytes:
+    """The image of a Rank call's message at `position` (1 = the first after the prompt)."""
+    if message.WhichOneof("item") != "image":
+        raise InvalidArgument(f"message {position} carries no image: only the first message carries the prompt, "
+                              f"every later one exactly one image")
+    return message.image
 
 
 def to_message(event: Any, request_id: str) -> pb.GenerateResponse:

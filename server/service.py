@@ -24,8 +24,10 @@ from palette.stages.pipeline import Pipeline
 from palette.v1 import palette_pb2 as pb
 
 from .auth import Authenticator, Caller
-from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore
-from .errors import InvalidArgument, RpcFailure
+from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore, rank_image
+from .errors import RpcFailure
+from .errors import Undecodable as _Undecodable
+from .errors import tolerant_deserializer as _deserializer
 from .logs import request_id_from
 from .metrics import Metrics
 from .tls import CertificateFiles
@@ -109,24 +111,6 @@ def caller_of(authenticator: Authenticator, context: grpc.ServicerContext) -> Ca
     values = [v for k, v in context.invocation_metadata() or () if k == "authorization"]
     subject = certificate_subject(context) if authenticator.client_certificates else None
     return authenticator.authenticate(values, subject)
-
-
-class _Undecodable:
-    """What our deserializer returns for bytes that are not a valid message of the expected type."""
-
-    def __init__(self, type_name: str, error: Exception):
-        self.failure = InvalidArgument(f"the {type_name} message could not be decoded ({error}); "
-                                       f"check that strings are valid UTF-8 and the body is complete")
-
-
-def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except Exception as err:  # noqa: BLE001 - DecodeError and friends: the client sent bad bytes
-            return _Undecodable(message_type.DESCRIPTOR.name, err)
-
-    return parse
 
 
 class _GrpcCall:
@@ -222,9 +206,7 @@ class PaletteServicer:
             first = next(request_iterator, None)
             if isinstance(first, _Undecodable):
                 raise first.failure
-            if first is None or first.WhichOneof("item") != "prompt":
-                raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
-            session = self.core.start_rank(first.prompt, call.record)
+            session = self.core.start_rank_stream(first, call.record)
             # A reader thread takes images in while this one streams scores out, so scores flow
             # back as soon as each batch is scored, even while the client is still sending.
             threading.Thread(target=session.read_all, args=(_rank_images(request_iterator),),
@@ -281,10 +263,7 @@ def _rank_images(request_iterator: Iterator[Any]) -> Iterator[bytes]:
     for position, message in enumerate(request_iterator, start=1):
         if isinstance(message, _Undecodable):
             raise message.failure
-        if message.WhichOneof("item") != "image":
-            raise InvalidArgument(f"message {position} carries no image: only the first message carries the prompt, "
-                                  f"every later one exactly one image")
-        yield message.image
+        yield rank_image(position, message)
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
