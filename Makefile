@@ -7,13 +7,13 @@ PROMPT ?= a red circle in the top left corner on a blue background
 OUT    ?= out
 REF    ?= tests/reference
 
-.PHONY: setup demo serve test conformance proto train-default eval bench clean
+.PHONY: setup demo serve test conformance proto rayservice train-default eval bench clean
 
 # The environment is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,ray,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -60,3 +60,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(OUT) $(OUT).server.log .pytest_cache
+
+# Regenerate the KubeRay manifest from deploy/serve_config.yaml (tests check it is current).
+rayservice: setup
+	$(BIN)/python deploy/gen_rayservice.py
