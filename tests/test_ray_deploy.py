@@ -152,3 +152,71 @@ def test_palette_serve_ray_refuses_what_it_cannot_honour(tmp_path, flags, messag
     errors = [line for line in result.stderr.splitlines() if not line.startswith("{")]
     assert len(errors) == 1 and errors[0].startswith("palette: error:") and message in errors[0], result.stderr
     assert "Traceback" not in result.stderr
+
+
+class FakeProxyContext:
+    """The parts of grpc.aio's ServicerContext the hook reads and writes, after Serve's proxy set a status."""
+
+    def __init__(self, code, details, trailers=(), metadata=(), remaining=None):
+        self._code, self._details, self._trailers = code, details, tuple(trailers)
+        self._metadata, self._remaining = tuple(metadata), remaining
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def set_code(self, code):
+        self._code = code
+
+    def set_details(self, details):
+        self._details = details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+    def set_trailing_metadata(self, trailers):
+        self._trailers = tuple(trailers)
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def time_remaining(self):
+        return self._remaining
+
+
+def test_the_hook_forwards_ids_and_the_deadline_and_rewrites_statuses():
+    import grpc
+
+    context = FakeProxyContext(None, None, metadata=[("x-request-id", "req-1"), ("x-palette-deadline-ms", "1"),
+                                                     ("x-palette-proxy", "1")], remaining=2.5)
+    call = ray_proxy._Call(context)
+    forwarded = dict(call.forwarded.invocation_metadata())
+    # The client's own x-palette-* claims are dropped; the proxy's are authoritative.
+    assert forwarded == {"x-request-id": "req-1", "x-palette-proxy": "1", "request_id": "req-1",
+                         "x-palette-deadline-ms": "2500"}
+    bad_id = ray_proxy._Call(FakeProxyContext(None, None, metadata=[("x-request-id", "no spaces please")]))
+    assert bad_id.request_id != "no spaces please" and "x-palette-deadline-ms" not in dict(
+        bad_id.forwarded.invocation_metadata())
+
+    # The replica's own failure: message and trailers unpacked.
+    context = FakeProxyContext(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               ray_proxy.pack_details("busy", [("retry-after-ms", "900"), ("x-request-id", "req-1")]),
+                               trailers=[("request_id", "req-1"), ("x-request-id", "req-1")])
+    ray_proxy._Call(context).finish()
+    assert context.details() == "busy"
+    assert dict(context.trailing_metadata()) == {"request_id": "req-1", "x-request-id": "req-1",
+                                                 "retry-after-ms": "900"}
+    # A replica that died under the call: retryable.
+    context = FakeProxyContext(grpc.StatusCode.INTERNAL, "ray::ServeReplica... The actor died unexpectedly before "
+                                                         "finishing this task.", metadata=[("x-request-id", "req-2")])
+    ray_proxy._Call(context).finish()
+    assert context.code() == grpc.StatusCode.UNAVAILABLE
+    assert context.details() == "the replica serving this call was lost (request id req-2); retry: another replica takes it"
+    # Any other failure of Ray's: INTERNAL with the request id, never Ray's traceback.
+    context = FakeProxyContext(grpc.StatusCode.INTERNAL, "\x1b[36mray::ServeReplica:palette:Palette...Traceback",
+                               metadata=[("x-request-id", "req-3")])
+    ray_proxy._Call(context).finish()
+    assert context.code() == grpc.StatusCode.INTERNAL
+    assert context.details() == "internal error in Ray Serve (request id req-3); the Ray Serve logs have the details"
