@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import signal
-import threading
 from typing import Any
 
 from . import logs
 from .auth import Authenticator, TokenFileError
 from .core import CoreConfig
-from .main import StartupError
+from .main import StartupError, handle_stop_signals
 from .service import ConfigError, ServerConfig
 
 log = logging.getLogger("palette.server")
@@ -98,18 +96,7 @@ def run_ray(config_path: str | None, config: ServerConfig, options: RayOptions, 
         hint = "" if local else (" (a cluster that wants a token needs ~/.ray/auth_token or $RAY_AUTH_TOKEN here; "
                                  "one started without authentication needs RAY_AUTH_MODE=disabled)")
         raise StartupError(f"cannot {'start' if local else 'join'} Ray: {err}{hint}") from None
-    stop = threading.Event()
-    signals: list[str] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        signals.append(signal.Signals(signum).name)
-        if stop.is_set():
-            log.warning("second %s: exiting now", signals[-1])
-            raise SystemExit(1)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    wait_for_signal = handle_stop_signals()
     try:
         serve.start(proxy_location=PROXY_LOCATION, http_options=HTTPOptions(host="0.0.0.0", port=options.http_port),
                     grpc_options=gRPCOptions(port=config.port, grpc_servicer_functions=list(SERVICER_FUNCTIONS)))
@@ -121,9 +108,7 @@ def run_ray(config_path: str | None, config: ServerConfig, options: RayOptions, 
         scaling = f"{low}..{high} replicas" if low != high else f"{low} replica{'s' if low > 1 else ''}"
         log.info(f"palette: serving on 0.0.0.0:{config.port} through Ray Serve ({scaling}; plaintext on every "
                  f"interface of every node); Ctrl-C or SIGTERM to stop")
-        while not stop.wait(1.0):
-            pass
-        log.info("received %s: draining for up to %.0f s", signals[0], config.grace_s)
+        log.info("received %s: draining for up to %.0f s", wait_for_signal(), config.grace_s)
         serve.delete(APP_NAME)
         if local:
             serve.shutdown()
