@@ -468,9 +468,11 @@ def test_losing_a_node_ends_its_calls_unavailable_and_the_resubmitting_client_ge
         if outcome["replica"] == doomed:
             assert outcome["code"] == grpc.StatusCode.UNAVAILABLE, outcome
             assert "replica serving this call was lost" in outcome["details"]
-            assert outcome["ended"] - removed_at < 30, outcome
+            assert outcome["ended"] - removed_at < 10, outcome  # Serve notices the dead actor at once
         else:
             assert outcome["code"] == grpc.StatusCode.OK and outcome["images"] == 4, outcome
+    print("in-flight calls on the lost replica ended after", sorted(
+        round(raw[p]["ended"] - removed_at, 3) for p in on_doomed), "s")
     for prompt, got in resubmitted.items():
         assert not isinstance(got, Exception), f"{prompt}: {got}"
         assert got == expected[prompt], f"{prompt}: other images after resubmission"
