@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import tomllib
 from typing import Any, AsyncIterator, Callable, Iterator
 
 import grpc
@@ -29,6 +30,7 @@ from grpc_health.v1 import health_pb2
 from ray import serve
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
+from palette.stages.pipeline import default_config_path
 from palette.v1 import palette_pb2 as pb
 
 from . import logs
@@ -36,7 +38,8 @@ from .auth import Authenticator
 from .core import CallRecord, CoreConfig, PaletteCore, RankSession, rank_image
 from .errors import Cancelled, RpcFailure, decoded
 from .main import load_pipeline
-from .ray_proxy import ATTACHED, DEADLINE_KEY, HOOK_KEY, REPLICA_KEY, REQUEST_ID_KEY, pack_details
+from .ray_proxy import (ATTACHED, DEADLINE_KEY, HOOK_KEY, REPLICA_KEY, REQUEST_ID_KEY, ReplicaStatus, pack_details,
+                        quiet_replica_statuses)
 from .service import UNAUTHENTICATED_CALLER, caller_of
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,16 @@ class AppArgs:
 
     @property
     def rows(self) -> int:
-        return int(self.pipeline.get("num_slots") or 8)
+        """The replicas' sampler rows: the override, else the pipeline config's (as the replicas will load it)."""
+        if self.pipeline.get("num_slots"):
+            return int(self.pipeline["num_slots"])
+        path = self.config or default_config_path()
+        try:
+            with open(path, "rb") as f:
+                stages = tomllib.load(f).get("stages", [])
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"cannot read the pipeline config {path}: {err}") from None
+        return next((int(stage["num_slots"]) for stage in stages if "num_slots" in stage), 8)
 
     def deployment_options(self) -> dict[str, Any]:
         low = self.replicas if self.min_replicas is None else self.min_replicas
@@ -128,10 +140,6 @@ def build_app(args: dict | None = None) -> serve.Application:
     """The Palette application (Serve's `import_path: palette.server.ray_app:build_app`)."""
     app = AppArgs.of(args)
     return PaletteReplica.options(**app.deployment_options()).bind(app.replica_settings())
-
-
-class _Ended(Exception):
-    """The call's status is set on its context; raised so that Serve's proxy ends the call with it."""
 
 
 class _Call:
@@ -169,7 +177,7 @@ class _Call:
 
     @contextlib.contextmanager
     def failures(self, stream: bool) -> Iterator[None]:
-        """Any failure of the body as this call's status; a stream's is raised (see _Ended)."""
+        """Any failure of the body as this call's status; a stream's is then raised as ReplicaStatus."""
         try:
             if self.refused is not None:
                 raise self.refused
@@ -181,7 +189,7 @@ class _Call:
         else:
             return
         if stream:
-            raise _Ended(self.record.code)
+            raise ReplicaStatus(self.record.code.name)
 
     @contextlib.contextmanager
     def deadline_timer(self, expire: Callable[[], None]) -> Iterator[None]:
@@ -205,6 +213,7 @@ class PaletteReplica:
 
     def __init__(self, settings: dict[str, Any]):
         logs.configure(settings.get("log_format", "json"))
+        quiet_replica_statuses()
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         pipeline = load_pipeline(settings.get("config"), **settings.get("pipeline", {}))
         config = CoreConfig(**settings.get("core", {}))

@@ -75,6 +75,35 @@ def unpack_details(details: str | bytes | None) -> tuple[str, list[tuple[str, st
         return message, []
 
 
+class ReplicaStatus(Exception):
+    """What a replica raises once its call's status is set on the context (a stream cannot end with an
+    error otherwise): Serve's proxy ends the call with that status. Defined here, a module the proxy
+    has loaded anyway, because the proxy unpickles it."""
+
+
+class _QuietReplicaStatuses(logging.Filter):
+    """Serve logs every raise in a replica as an error with its traceback, in the replica and again in the
+    proxy; a ReplicaStatus is the client's answer (INVALID_ARGUMENT, RESOURCE_EXHAUSTED ...), not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        for _ in range(8):  # gRPCStatusError -> RayTaskError -> ReplicaStatus
+            if error is None:
+                return True
+            if isinstance(error, ReplicaStatus):
+                return False
+            error = (getattr(error, "original_exception", None) or getattr(error, "cause", None)
+                     or error.__cause__)
+        return True
+
+
+def quiet_replica_statuses() -> None:
+    """Leave ReplicaStatus out of Serve's error log in this process (a replica's, or a proxy's)."""
+    serve_log = logging.getLogger("ray.serve")
+    if not any(isinstance(f, _QuietReplicaStatuses) for f in serve_log.filters):
+        serve_log.addFilter(_QuietReplicaStatuses())
+
+
 # -- what the hook needs of Serve's internals ---------------------------------------------------------
 
 def missing_internals(server: Any = None) -> list[str]:
@@ -227,6 +256,7 @@ def install(_servicer: Any, server: Any) -> None:
     server._palette_proxy = original.__self__
     server.service_handler_factory = factory
     server._palette_hook = True
+    quiet_replica_statuses()
     log.info("palette: proxy hook installed")
 
 

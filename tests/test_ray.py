@@ -19,6 +19,7 @@ import dataclasses
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -35,7 +36,8 @@ from ray import serve  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 from ray.serve.config import HTTPOptions, gRPCOptions  # noqa: E402
 
-from palette.server.ray_app import APP_NAME, DEPLOYMENT_NAME, ROUTE_PREFIX, SERVICER_FUNCTIONS, build_app  # noqa: E402
+from palette.server.ray_app import (APP_NAME, DEPLOYMENT_NAME, LOGGING, ROUTE_PREFIX, SERVICER_FUNCTIONS,  # noqa: E402
+                                    build_app)
 
 pytestmark = pytest.mark.ray
 
@@ -100,7 +102,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def app(ray_cluster):
     ray_cluster.health_before_deploy = health_status(ray_cluster.address)
-    serve.run(build_app(ARGS), name=APP_NAME, route_prefix=ROUTE_PREFIX)
+    serve.run(build_app(ARGS), name=APP_NAME, route_prefix=ROUTE_PREFIX, logging_config=LOGGING)
     return ray_cluster
 
 
@@ -177,6 +179,17 @@ def drive_until_two_replicas(address: str, timeout: float = 300) -> list[tuple[f
         finally:
             stop.set()
     return seen
+
+
+def proxy_processes(cluster) -> list:
+    """The Serve proxy processes of `cluster`'s nodes (children of their raylets)."""
+    import psutil
+
+    found = []
+    for node in [cluster.head_node, *cluster.worker_nodes]:
+        raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+        found += [p for p in raylet.children(recursive=True) if "ProxyActor" in " ".join(p.cmdline())]
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +339,9 @@ def test_error_codes_and_messages_match_the_plain_server(two_replicas, plain):
         ray_error = expect_error(lambda: stub(two_replicas.address).Rank(iter(messages), timeout=30))
         plain_error = expect_error(lambda: stub(plain.target).Rank(iter(messages), timeout=30))
         assert (ray_error.code(), ray_error.details()) == (plain_error.code(), plain_error.details())
+    # A client's error is its answer, not a fault: no tracebacks for it in Serve's logs.
+    serve_logs = Path(two_replicas.cluster.head_node.get_session_dir_path()) / "logs" / "serve"
+    assert not [p.name for p in serve_logs.glob("*.log") if "ReplicaStatus" in p.read_text(errors="replace")]
     # Bytes that are no message are the client's fault (INVALID_ARGUMENT), as on the plain server.
     for target in (two_replicas.address, plain.target):
         with grpc.insecure_channel(target) as channel:
@@ -404,6 +420,11 @@ def test_health_reflection_and_the_proxy(two_replicas):
         assert time.monotonic() - started < 1.0
         for future in busy:
             future.result(timeout=DEADLINE)
+    # The hook keeps the proxies light: they never load jax (nor the rest of the server).
+    proxies = proxy_processes(two_replicas.cluster)
+    assert len(proxies) == 2, proxies
+    for proxy in proxies:
+        assert not [m.path for m in proxy.memory_maps() if "jaxlib" in m.path], proxy.cmdline()
     # Reflection is Serve's own (open, without authentication) and lists the service.
     with grpc.insecure_channel(two_replicas.address) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
