@@ -213,18 +213,46 @@ class _Call:
 
 
 def _streaming(handler: Callable) -> Callable:
-    async def call(request: Any, context: Any) -> AsyncIterator[bytes]:
+    # A coroutine that writes each message itself, not an async generator that gRPC drives: a client's
+    # cancel (or deadline) then reaches this frame even while a message is being written, and
+    # `_cancel_replica_call` still cancels the replica's work. A generator would be left suspended
+    # there, and Serve cancels the replica's call only when a cancel finds its proxy waiting for the
+    # replica's next message (so without the hook, too, some cancels never reach a replica).
+    async def call(request: Any, context: Any) -> None:
         palette_call = _Call(context)
-        async for message in handler(request, palette_call.forwarded):
-            first = not palette_call.initial_sent
+        messages = handler(request, palette_call.forwarded).__aiter__()
+        first = True
+        async for message in messages:
             await palette_call.send_initial_metadata()
-            if first and message == ATTACHED:
-                continue
-            yield message
+            if not (first and message == ATTACHED):
+                try:
+                    await context.write(message)
+                except asyncio.CancelledError:
+                    await _cancel_replica_call(messages)
+                    raise
+            first = False
         palette_call.finish()
         await palette_call.send_initial_metadata()
 
     return call
+
+
+async def _cancel_replica_call(messages: Any) -> None:
+    """Run Serve's handler on until it waits for the replica's next message, then cancel it there:
+    that is where Serve's proxy cancels the replica's call."""
+    for _ in range(10_000):
+        step = asyncio.ensure_future(messages.__anext__())
+        await asyncio.sleep(0)  # one turn: it runs until it waits
+        if step.done():
+            if step.cancelled() or step.exception() is not None:  # StopAsyncIteration: the call is over
+                return
+            continue  # a message that was ready: the client is gone, drop it
+        step.cancel()
+        try:
+            await step
+        except BaseException:  # noqa: BLE001 - Serve turns the cancel into a status, or re-raises it
+            pass
+        return
 
 
 def _unary(handler: Callable) -> Callable:
