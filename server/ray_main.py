@@ -41,6 +41,8 @@ def check(config: ServerConfig) -> None:
     if not config.insecure:
         raise StartupError(f"refusing to start on Ray without --insecure: {PLAINTEXT}. Terminate TLS in front of "
                            f"it (a load balancer or mesh) and pass --insecure to say that you did")
+    if config.host != ServerConfig.host:
+        raise StartupError(f"--host does not apply with --ray: {PLAINTEXT}")
     if not 0 < config.port < 65536:
         raise StartupError(f"--ray needs a fixed --port for Serve's gRPC ingress, got {config.port}")
     try:

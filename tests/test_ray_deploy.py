@@ -143,6 +143,7 @@ def test_status_details_carry_trailers_through_a_raise():
     ([], "refusing to start on Ray without --insecure: Ray Serve's gRPC proxy serves plaintext on every interface"),
     (["--insecure", "--tls-cert", "c.pem", "--tls-key", "k.pem"], "do not apply with --ray"),
     (["--insecure", "--port", "0"], "--ray needs a fixed --port"),
+    (["--insecure", "--host", "0.0.0.0"], "--host does not apply with --ray"),
     (["--insecure", "--auth-tokens", "no-such-file"], "token file no-such-file: cannot be read"),
 ])
 def test_palette_serve_ray_refuses_what_it_cannot_honour(tmp_path, flags, message):
