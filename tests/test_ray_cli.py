@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import grpc
@@ -79,4 +78,3 @@ def test_palette_serve_ray_serves_authenticates_and_drains(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(30)
-        time.sleep(0)
