@@ -7,7 +7,7 @@ PROMPT ?= a red circle in the top left corner on a blue background
 OUT    ?= out
 REF    ?= tests/reference
 
-.PHONY: setup demo serve test conformance proto rayservice train-default eval bench clean
+.PHONY: setup demo serve test test-ray test-no-ray conformance proto rayservice train-default eval bench clean
 
 # The environment is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -38,6 +38,13 @@ serve: setup
 
 test: setup $(NODE_EXAMPLE)
 	$(BIN)/python -m pytest -q
+
+# The same suite in two parts, for two CI jobs: the Ray Serve cluster tests (a few minutes) and the rest.
+test-ray: setup
+	$(BIN)/python -m pytest -q -m ray
+
+test-no-ray: setup $(NODE_EXAMPLE)
+	$(BIN)/python -m pytest -q -m "not ray"
 
 # The conformance suite alone, against another reference folder of the same format.
 conformance: setup
