@@ -8,13 +8,13 @@ PROMPT ?= a purple ring
 OUT    ?= out
 REF    ?= tests/reference
 
-.PHONY: setup demo serve test conformance proto web web-deps train-default eval bench clean
+.PHONY: setup demo serve test conformance proto web web-deps rayservice train-default eval bench clean
 
 # The environment is rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[server,dev]'
+	$(BIN)/python -m pip install -q -e '.[server,ray,dev]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -76,3 +76,7 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) $(OUT) $(OUT).server.log .pytest_cache
+
+# Regenerate the KubeRay manifest from deploy/serve_config.yaml (tests check it is current).
+rayservice: setup
+	$(BIN)/python deploy/gen_rayservice.py

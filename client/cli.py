@@ -80,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'authorization: Bearer <token>'; one name:token[:weight] per line, # comments")
     g.add_argument("--insecure", action="store_true",
                    help="allow plaintext on a non-loopback --host (only behind a proxy or mesh that does TLS)")
+    g = p.add_argument_group("scaling out on Ray Serve (see README: Scaling out; needs palette[ray])")
+    g.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve's gRPC ingress on --port, on replicas Ray places and restarts "
+                        "(plaintext on every interface: needs --insecure)")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="join this Ray cluster (its GCS host:port, or 'auto') instead of starting a local Ray")
+    g.add_argument("--replicas", type=int, default=1, help="replicas, each a whole pipeline (default %(default)s)")
+    g.add_argument("--min-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
+    g.add_argument("--max-replicas", type=int, help="autoscale between --min-replicas and --max-replicas")
+    g.add_argument("--ray-http-port", type=int, default=8000,
+                   help="Serve's HTTP proxy, which Ray always runs (default %(default)s)")
     g = p.add_argument_group("limits")
     g.add_argument("--max-queue-per-caller", type=int,
                    help="Generate requests one caller may have waiting (default: half of --max-queue when callers "
@@ -159,31 +170,49 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         from palette.server.main import run
-        from palette.server.service import ServerConfig
+        from palette.server.service import ServerConfig  # noqa: F401 - a client install fails here, with the hint
     except ModuleNotFoundError as err:
         if _report_missing_server_extra(err):
             return 2
         raise
     from palette.server.main import StartupError
 
-    per_caller = args.max_queue_per_caller
-    if per_caller is None:
-        per_caller = max(1, args.max_queue // 2) if (args.auth_tokens or args.tls_client_ca) else 0
-    config = ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
-                          http_port=args.http_port,
-                          max_queued_requests=args.max_queue, max_queued_per_caller=per_caller,
-                          max_wait_ms=args.max_wait_ms, grace_s=args.grace_s, warmup=not args.no_warmup,
-                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                          auth_tokens=args.auth_tokens, insecure=args.insecure,
-                          max_message_bytes=args.max_message_bytes,
-                          max_streams_per_connection=args.max_streams_per_connection,
-                          max_rank_image_bytes=args.max_rank_image_bytes, max_rank_call_bytes=args.max_rank_call_bytes)
+    config = server_config(args)
     try:
+        if args.ray or args.ray_address:
+            from palette.server.ray_main import run_ray
+
+            return run_ray(args.config, config, ray_options(args), log_format=args.log_format,
+                           num_slots=args.num_slots, chunk_steps=args.chunk_steps)
         return run(args.config, config, log_format=args.log_format, num_slots=args.num_slots,
                    chunk_steps=args.chunk_steps)
     except StartupError as err:
         print(f"palette: error: {err}", file=sys.stderr)
         return 1
+
+
+def server_config(args: argparse.Namespace) -> "ServerConfig":  # noqa: F821
+    """`palette serve`'s settings (with or without --ray) from its flags."""
+    from palette.server.service import ServerConfig
+
+    per_caller = args.max_queue_per_caller
+    if per_caller is None:
+        per_caller = max(1, args.max_queue // 2) if (args.auth_tokens or args.tls_client_ca) else 0
+    return ServerConfig(host=args.host, port=args.port, metrics_port=None if args.no_metrics else args.metrics_port,
+                        http_port=args.http_port, max_queued_requests=args.max_queue, max_queued_per_caller=per_caller,
+                        max_wait_ms=args.max_wait_ms, grace_s=args.grace_s, warmup=not args.no_warmup,
+                        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+                        auth_tokens=args.auth_tokens, insecure=args.insecure,
+                        max_message_bytes=args.max_message_bytes,
+                        max_streams_per_connection=args.max_streams_per_connection,
+                        max_rank_image_bytes=args.max_rank_image_bytes, max_rank_call_bytes=args.max_rank_call_bytes)
+
+
+def ray_options(args: argparse.Namespace) -> "RayOptions":  # noqa: F821
+    from palette.server.ray_main import RayOptions
+
+    return RayOptions(address=args.ray_address, replicas=args.replicas, min_replicas=args.min_replicas,
+                      max_replicas=args.max_replicas, http_port=args.ray_http_port)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

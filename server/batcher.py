@@ -124,6 +124,10 @@ class Batcher:
     def accepting(self) -> bool:
         return self._accepting
 
+    def alive(self) -> bool:
+        """True from start() to stop() while every batcher thread runs (a replica's health check)."""
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
+
     def idle(self) -> bool:
         with self._cv:
             return not len(self._waiting) and not self._slots

@@ -224,13 +224,6 @@ class RankSession:
                 yield response
 
 
-def rank_prompt(first: pb.RankRequest | None) -> str:
-    """The prompt a Rank call's first message must carry."""
-    if first is None or first.WhichOneof("item") != "prompt":
-        raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
-    return first.prompt
-
-
 def rank_image(position: int, message: pb.RankRequest) -> bytes:
     """The image that the Rank call's message number `position` (from 1, after the prompt) must carry."""
     if message.WhichOneof("item") != "image":
@@ -328,6 +321,12 @@ class PaletteCore:
                              grpc.StatusCode.FAILED_PRECONDITION)
         check_prompt(self.pipeline, prompt)
         return RankSession(self, call, prompt)
+
+    def start_rank_stream(self, first: pb.RankRequest | None, call: CallRecord) -> RankSession:
+        """A Rank call from its first message, which must carry the prompt (None: the stream was empty)."""
+        if first is None or first.WhichOneof("item") != "prompt":
+            raise InvalidArgument("the first Rank message must carry the prompt; then send one image per message")
+        return self.start_rank(first.prompt, call)
 
     def rank_images(self, request: pb.RankImagesRequest, call: CallRecord) -> pb.RankImagesResponse:
         """RankImages: the same checks, limits and ranker as a Rank call, in one request."""

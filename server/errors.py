@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import grpc
 
 
@@ -43,7 +45,28 @@ class QueueFull(RpcFailure):
         self.retry_after_ms = retry_after_ms
 
 
-def undecodable(type_name: str, error: Exception) -> InvalidArgument:
-    """The client sent bytes (or JSON) that are not a `type_name` message: its fault, never INTERNAL."""
-    return InvalidArgument(f"the {type_name} message could not be decoded ({error}); "
-                           f"check that strings are valid UTF-8 and the body is complete")
+class Undecodable:
+    """What `tolerant_deserializer` gives for bytes that are not a valid message of the expected type:
+    the transport reports it as INVALID_ARGUMENT (the client's fault, never INTERNAL) once it knows
+    who called. Picklable, so Ray Serve's proxy can hand it to a replica."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.failure = InvalidArgument(f"the {type_name} message could not be decoded ({error}); "
+                                       f"check that strings are valid UTF-8 and the body is complete")
+
+
+def tolerant_deserializer(message_type: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except Exception as err:  # noqa: BLE001 - DecodeError and friends: the client sent bad bytes
+            return Undecodable(message_type.DESCRIPTOR.name, err)
+
+    return parse
+
+
+def decoded(message: Any) -> Any:
+    """The message, or its InvalidArgument when it could not be decoded."""
+    if isinstance(message, Undecodable):
+        raise message.failure
+    return message

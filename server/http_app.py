@@ -36,8 +36,8 @@ from palette.v1 import palette_pb2 as pb
 from palette.v1.palette_connect import PaletteASGIApplication
 
 from .auth import Authenticator
-from .core import SERVICE_NAME, PaletteCore, rank_image, rank_prompt
-from .errors import RpcFailure, undecodable
+from .core import SERVICE_NAME, PaletteCore, rank_image
+from .errors import RpcFailure, Undecodable, decoded
 from .logs import request_id_from
 from .service import UNAUTHENTICATED_CALLER, ServerConfig
 from .tls import CertificateFiles
@@ -66,7 +66,7 @@ def from_connect(error: ConnectError) -> RpcFailure:
 
 
 class _Codec:
-    """A google.protobuf codec whose undecodable input becomes the request itself: an InvalidArgument
+    """A google.protobuf codec whose undecodable input becomes the request itself: an `Undecodable`
     that the handler raises inside its CallRecord, so that the call is counted and answered as the
     gRPC port answers it (connectrpc would refuse it before any handler ran)."""
 
@@ -83,16 +83,10 @@ class _Codec:
         try:
             return self._inner.decode(data, message_class)
         except Exception as err:  # noqa: BLE001 - bad bytes or bad JSON: the client's fault
-            return undecodable(message_class.DESCRIPTOR.name, err)
+            return Undecodable(message_class.DESCRIPTOR.name, err)
 
 
 CODECS = (_Codec(google_protobuf_binary_codec()), _Codec(google_protobuf_json_codec()))
-
-
-def _decoded(message: Any) -> Any:
-    if isinstance(message, RpcFailure):
-        raise message
-    return message
 
 
 # -- the service ----------------------------------------------------------------------------------
@@ -155,7 +149,7 @@ class PaletteConnect:
 
     async def generate(self, request: Any, ctx: Any) -> AsyncIterator[pb.GenerateResponse]:
         with _ConnectCall(self, "Generate", ctx) as call:
-            job = self.core.start_generate(_decoded(request), call.record)
+            job = self.core.start_generate(decoded(request), call.record)
             try:
                 async for message in self.core.agenerate_responses(job, call.record):
                     yield message
@@ -164,7 +158,7 @@ class PaletteConnect:
 
     async def rank(self, requests: AsyncIterator[Any], ctx: Any) -> AsyncIterator[pb.RankResponse]:
         with _ConnectCall(self, "Rank", ctx) as call:
-            session = self.core.start_rank(rank_prompt(_decoded(await anext(requests, None))), call.record)
+            session = self.core.start_rank_stream(decoded(await anext(requests, None)), call.record)
             # Images are read on their own task while scores stream out, as the gRPC adapter's reader thread.
             reader = asyncio.create_task(session.aread_all(_rank_images(requests)))
             try:
@@ -176,11 +170,11 @@ class PaletteConnect:
 
     async def rank_images(self, request: Any, ctx: Any) -> pb.RankImagesResponse:
         with _ConnectCall(self, "RankImages", ctx) as call:
-            return await asyncio.to_thread(self.core.rank_images, _decoded(request), call.record)
+            return await asyncio.to_thread(self.core.rank_images, decoded(request), call.record)
 
     async def get_model_info(self, request: Any, ctx: Any) -> pb.ModelInfo:
         with _ConnectCall(self, "GetModelInfo", ctx):
-            _decoded(request)
+            decoded(request)
             return self.core.model_info()
 
 
@@ -189,7 +183,7 @@ async def _rank_images(requests: AsyncIterator[Any]) -> AsyncIterator[bytes]:
     try:
         async for message in requests:
             position += 1
-            yield rank_image(position, _decoded(message))
+            yield rank_image(position, decoded(message))
     except ConnectError as err:
         raise from_connect(err) from None
 

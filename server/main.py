@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from . import logs
 from .service import PaletteServer, ServerConfig
@@ -50,18 +50,7 @@ def run(config_path: str | None, server_config: ServerConfig, log_format: str = 
         **pipeline_overrides: Any) -> int:
     logs.configure(log_format)
     server = build_server(config_path, server_config, **pipeline_overrides)
-    stop = threading.Event()
-    signals: list[str] = []
-
-    def on_signal(signum: int, _frame: Any) -> None:
-        signals.append(signal.Signals(signum).name)
-        if stop.is_set():  # a second signal: stop waiting for the drain
-            log.warning("second %s: exiting now", signals[-1])
-            raise SystemExit(1)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    wait_for_signal = handle_stop_signals()
     try:
         server.start()
     except OSError as err:
@@ -72,8 +61,30 @@ def run(config_path: str | None, server_config: ServerConfig, log_format: str = 
     if server.http_port:
         web = f", the web page on {'https' if server.certificates else 'http'}://{server_config.host}:{server.http_port}/"
     log.info(f"palette: serving on {server.address} ({scheme}){metrics}{web}; Ctrl-C or SIGTERM to stop")
-    while not stop.wait(1.0):
-        pass
-    log.info("received %s: draining for up to %.0f s", signals[0], server_config.grace_s)
+    log.info("received %s: draining for up to %.0f s", wait_for_signal(), server_config.grace_s)
     server.stop()
     return 0
+
+
+def handle_stop_signals() -> Callable[[], str]:
+    """Catch SIGTERM and SIGINT from now on. Returns a function that waits for the first of them and
+    gives its name; a second one exits at once, without waiting for the drain."""
+    stop = threading.Event()
+    signals: list[str] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        signals.append(signal.Signals(signum).name)
+        if stop.is_set():
+            log.warning("second %s: exiting now", signals[-1])
+            raise SystemExit(1)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    def wait() -> str:
+        while not stop.wait(1.0):
+            pass
+        return signals[0]
+
+    return wait

@@ -24,8 +24,10 @@ from palette.stages.pipeline import Pipeline
 from palette.v1 import palette_pb2 as pb
 
 from .auth import Authenticator, Caller
-from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore, rank_image, rank_prompt
-from .errors import RpcFailure, undecodable
+from .core import SERVICE_NAME, CallRecord, CoreConfig, PaletteCore, rank_image
+from .errors import RpcFailure
+from .errors import decoded
+from .errors import tolerant_deserializer as _deserializer
 from .logs import request_id_from
 from .metrics import Metrics
 from .tls import CertificateFiles
@@ -112,23 +114,6 @@ def caller_of(authenticator: Authenticator, context: grpc.ServicerContext) -> Ca
     return authenticator.authenticate(values, subject)
 
 
-class _Undecodable:
-    """What our deserializer returns for bytes that are not a valid message of the expected type."""
-
-    def __init__(self, type_name: str, error: Exception):
-        self.failure = undecodable(type_name, error)
-
-
-def _deserializer(message_type: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except Exception as err:  # noqa: BLE001 - DecodeError and friends: the client sent bad bytes
-            return _Undecodable(message_type.DESCRIPTOR.name, err)
-
-    return parse
-
-
 class _GrpcCall:
     """A gRPC call's bracket around a CallRecord: authenticates, echoes x-request-id, and counts the
     call as finished when gRPC says it ended, however it ended."""
@@ -197,9 +182,7 @@ class PaletteServicer:
         if call is None:
             return
         try:
-            if isinstance(request, _Undecodable):
-                raise request.failure
-            job = self.core.start_generate(request, call.record)
+            job = self.core.start_generate(decoded(request), call.record)
         except RpcFailure as failure:
             call.fail(failure)
             return
@@ -219,10 +202,7 @@ class PaletteServicer:
             return
         session = None
         try:
-            first = next(request_iterator, None)
-            if isinstance(first, _Undecodable):
-                raise first.failure
-            session = self.core.start_rank(rank_prompt(first), call.record)
+            session = self.core.start_rank_stream(decoded(next(request_iterator, None)), call.record)
             # A reader thread takes images in while this one streams scores out, so scores flow
             # back as soon as each batch is scored, even while the client is still sending.
             threading.Thread(target=session.read_all, args=(_rank_images(request_iterator),),
@@ -249,9 +229,7 @@ class PaletteServicer:
         if call is None:
             return empty()
         try:
-            if isinstance(request, _Undecodable):
-                raise request.failure
-            reply = work(request, call.record)
+            reply = work(decoded(request), call.record)
         except RpcFailure as failure:
             call.fail(failure)
             return empty()
@@ -277,9 +255,7 @@ class PaletteServicer:
 
 def _rank_images(request_iterator: Iterator[Any]) -> Iterator[bytes]:
     for position, message in enumerate(request_iterator, start=1):
-        if isinstance(message, _Undecodable):
-            raise message.failure
-        yield rank_image(position, message)
+        yield rank_image(position, decoded(message))
 
 
 class _AuthInterceptor(grpc.ServerInterceptor):
