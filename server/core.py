@@ -178,7 +178,10 @@ class RankSession:
             self._scores[start + offset] = value
             yield pb.RankResponse(score=pb.Score(index=start + offset, score=value))
 
-    def _done(self) -> pb.RankResponse:
+    def _last(self, end: End) -> pb.RankResponse:
+        """The done message, or the RpcFailure that ended the call."""
+        if end.failure is not None:
+            raise end.failure
         self.call.ok()  # before the last message goes out: a client may hang up as soon as it has it
         ranked = sorted(self._scores, key=lambda i: (-self._scores[i], i))
         return pb.RankResponse(done=pb.RankDone(ranked_indices=ranked, request_id=self.call.request_id,
@@ -189,9 +192,7 @@ class RankSession:
         while True:
             item = self._out.get()
             if isinstance(item, End):
-                if item.failure is not None:
-                    raise item.failure
-                yield self._done()
+                yield self._last(item)
                 return
             start, future = item
             while True:
@@ -210,9 +211,7 @@ class RankSession:
         while True:
             item = await self._out.aget()
             if isinstance(item, End):
-                if item.failure is not None:
-                    raise item.failure
-                yield self._done()
+                yield self._last(item)
                 return
             start, future = item
             try:

@@ -112,3 +112,18 @@ def test_unusable_sampling_defaults_are_refused_before_weights_load(tmp_path, se
     path.write_text(text)
     with pytest.raises(StageError, match=message):
         Pipeline.load(path)
+
+
+def test_the_dalle_mini_example_config_is_a_well_wired_pipeline():
+    """examples/dalle-mini.toml (the README's example) names known stage types, wired in order."""
+    import tomllib
+
+    from palette.stages.base import find_stage_class
+    from palette.stages.pipeline import check_wiring, sampling_defaults
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "dalle-mini.toml"
+    raw = tomllib.loads(path.read_text())
+    stages = [find_stage_class(spec["type"])(spec["name"], spec) for spec in raw["stages"]]
+    check_wiring(stages)
+    assert sampling_defaults(raw["pipeline"]) == (10.0, 1.0)
+    assert [s.kind for s in stages] == ["text", "sampler", "image_decoder", "ranker"]
