@@ -46,6 +46,7 @@ def images_of(responses: list[pb.GenerateResponse]) -> dict[int, pb.Image]:
 
 def test_get_model_info_over_connect_json_and_binary(server, connect):
     _, _, over_grpc = grpc_unary(server, "GetModelInfo", pb.GetModelInfoRequest())
+    assert wait_until(lambda: server.core.inflight == 0)  # the gRPC call is counted once gRPC says it ended
     before = metric(server, "palette_requests_total", method="GetModelInfo", code="OK")
 
     status, headers, body = unary_json(server, "GetModelInfo", {}, headers={"x-request-id": "web-test-1"})
