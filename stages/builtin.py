@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from .base import IMAGE, IMAGE_TOKENS, PROMPT, PROMPT_TOKENS, SAMPLING, SCORE, Stage, StageContext
+from .devices import pad_rows
 
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
@@ -177,9 +178,7 @@ class VQGANDecoderStage(Stage):
         # would differ in a pixel or two. One shape keeps a seed's image the same bytes however
         # the server batched it. (batch_size = 1 decodes one image at a time.)
         for count in _chunks(len(tokens), self.batch_size):
-            chunk = tokens[done:done + count]
-            padded_rows = self.devices.round_batch(self.batch_size)
-            chunk = np.concatenate([chunk, np.repeat(chunk[:1], padded_rows - count, axis=0)])
+            chunk = pad_rows(tokens[done:done + count], self.devices.round_batch(self.batch_size), fill=None)
             pixels = np.asarray(self.vqgan.decode_images(self.devices.place_batch(chunk)))
             images.extend(Image.fromarray(p) for p in pixels[:count])
             done += count

@@ -88,3 +88,15 @@ class DeviceState:
             "devices": [f"{d.platform}:{d.id}" for d in self.devices],
             "mesh": {name: int(size) for name, size in self.mesh.shape.items()},
         }
+
+
+def pad_rows(x: np.ndarray, rows: int, fill: float | None = 0) -> np.ndarray:
+    """`x` grown along axis 0 to `rows` rows, so that a jitted function sees one shape whatever the
+    batch: the new rows hold `fill`, or copy the first row when `fill` is None. Callers drop the
+    padded rows' results; every computation here is per row, so they change no real row's values."""
+    x = np.asarray(x)
+    missing = rows - len(x)
+    if missing <= 0:
+        return x
+    extra = np.repeat(x[:1], missing, axis=0) if fill is None else np.full((missing, *x.shape[1:]), fill, x.dtype)
+    return np.concatenate([x, extra])

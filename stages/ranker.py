@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from palette.stages.clip_processing import CLIPTextTokenizer, image_processor, output_hw, pixel_values
+from palette.stages.devices import pad_rows
 from palette.stages.models import clip
 from palette.stages.models.clip import CLIP
 
@@ -97,9 +98,7 @@ class CLIPScorer:
         for start in range(0, n, self.buckets[-1]):
             chunk = pixels[start:start + self.buckets[-1]]
             size = self.bucket_for(len(chunk))
-            if len(chunk) < size:  # zero rows: scored and dropped, so the shape is the bucket's
-                pad = np.zeros((size - len(chunk), *chunk.shape[1:]), chunk.dtype)
-                chunk = np.concatenate([chunk, pad])
+            chunk = pad_rows(chunk, size)  # zero rows, scored and dropped: the shape is the bucket's
             out = self._score(params, jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
                               jnp.asarray(chunk, jnp.float32))
             scores.append(np.asarray(out, np.float32)[: min(size, n - start)])

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .devices import DeviceState
+from .devices import DeviceState, pad_rows
 from .models import dallebart as db
 
 DEFAULT_TOP_K = 50  # what the original's generation config falls back to when top_k is unset
@@ -262,15 +262,15 @@ class SamplerEngine:
                 raise ValueError(f"slot {s} is occupied")
         for p in params:
             p.validate(self.max_top_k)
-        # Admissions are padded to a power of two so the encoder compiles for a few sizes only.
+        # Admissions are padded to a power of two so the encoder compiles for a few sizes only; the
+        # padded rows repeat the first admission and write to no slot (-1).
         n = 1 << (len(slots) - 1).bit_length()
-        pad = n - len(slots)
-        stack = lambda name, dtype: np.stack([np.asarray(getattr(p, name), dtype) for p in prompts]  # noqa: E731
-                                             + [np.asarray(getattr(prompts[0], name), dtype)] * pad)
-        column = lambda values, dtype: np.asarray(list(values) + [values[0]] * pad, dtype)  # noqa: E731
+        stack = lambda name, dtype: pad_rows(  # noqa: E731
+            np.stack([np.asarray(getattr(p, name), dtype) for p in prompts]), n, fill=None)
+        column = lambda values, dtype: pad_rows(np.asarray(values, dtype), n, fill=None)  # noqa: E731
         self.state = self._admit(
             self.state, self.params,
-            np.asarray(list(slots) + [-1] * pad, np.int32),
+            pad_rows(np.asarray(slots, np.int32), n, fill=-1),
             stack("input_ids", np.int32), stack("attention_mask", np.int32),
             stack("input_ids_uncond", np.int32), stack("attention_mask_uncond", np.int32),
             column([p.seed for p in params], np.uint32),

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from palette.stages.devices import pad_rows
 from palette.stages.models import vqgan
 from palette.stages.models.vqgan import VQGAN, VQGANConfig
 
@@ -184,10 +185,7 @@ def _map_padded(fn, arr: np.ndarray, batch_size: int) -> np.ndarray:
     out = []
     for i in range(0, len(arr), batch_size):
         chunk = arr[i:i + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n, *chunk.shape[1:]), chunk.dtype)])
-        out.append(np.asarray(fn(chunk))[:n])
+        out.append(np.asarray(fn(pad_rows(chunk, batch_size)))[:len(chunk)])
     return np.concatenate(out)
 
 
