@@ -237,6 +237,7 @@ class PaletteServicer:
             call.internal()
             return empty()
         call.ok()
+        call.record.finish()  # counted before the reply leaves, so a caller that has it sees it counted
         return reply
 
     def handler(self) -> grpc.GenericRpcHandler:

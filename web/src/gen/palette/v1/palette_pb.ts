@@ -4,6 +4,9 @@
 // This file is the API documentation. Other services on the same port:
 //   * grpc.health.v1.Health     - the standard health check; service "" and "palette.v1.Palette".
 //   * grpc.reflection.v1alpha.ServerReflection - so grpcurl and friends need no copy of this file.
+// With `palette serve --http-port`, the same service also answers over the Connect protocol (JSON or binary)
+// and gRPC-Web on that port, with the same codes and messages; RankImages is for callers (browsers) that
+// cannot stream a request body.
 //
 // Authentication: a server started with a token file wants metadata "authorization: Bearer <token>" on every
 // call to this service and to reflection (the health service stays open); a server that requires client
