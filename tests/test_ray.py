@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import os
+import queue
 import threading
 import time
 from pathlib import Path
@@ -454,9 +455,12 @@ def test_losing_a_node_ends_its_calls_unavailable_and_the_resubmitting_client_ge
                 for prompt, n, seed in requests}
 
     # Raw calls (no resubmission) show how each in-flight call ends; client calls show what a caller gets.
+    # Every call waits, once accepted, until the node is gone.
     raw: dict[str, dict] = {}
     resubmitted: dict[str, Any] = {}
-    started = threading.Barrier(len(requests) * 2 + 1, timeout=60)
+    placed: queue.Queue[str | None] = queue.Queue()  # each raw call's replica, as it learns it
+    accepted = threading.Semaphore(0)
+    node_removed = threading.Event()
 
     def raw_call(prompt: str, n: int, seed: int) -> None:
         outcome = raw[prompt] = {"replica": None, "images": 0}
@@ -464,14 +468,17 @@ def test_losing_a_node_ends_its_calls_unavailable_and_the_resubmitting_client_ge
                                                    timeout=DEADLINE)
         try:
             outcome["replica"] = dict(call.initial_metadata())["x-palette-replica"]
+            placed.put(outcome["replica"])
             messages = iter(call)
             next(messages)  # accepted: its progress
-            started.wait()
+            accepted.release()
+            node_removed.wait(DEADLINE)
             for message in messages:
                 outcome["images"] += message.WhichOneof("event") == "image"
             outcome["code"] = grpc.StatusCode.OK
         except grpc.RpcError as err:
             outcome.update(code=err.code(), details=err.details())
+            placed.put(None)
         outcome["ended"] = time.monotonic()
 
     def client_call(prompt: str, n: int, seed: int) -> None:
@@ -480,31 +487,43 @@ def test_losing_a_node_ends_its_calls_unavailable_and_the_resubmitting_client_ge
             events = iter(call)
             try:
                 next(events)
-                started.wait()
+                accepted.release()
+                node_removed.wait(DEADLINE)
                 images = [event for event in events if isinstance(event, GeneratedImage)]
                 resubmitted[prompt] = [im.data for im in sorted(images, key=lambda im: im.index)]
             except PaletteError as err:
                 resubmitted[prompt] = err
 
-    with concurrent.futures.ThreadPoolExecutor(len(requests) * 2) as pool:
-        futures = [pool.submit(raw_call, *r) for r in requests] + [pool.submit(client_call, *r) for r in requests]
-        started.wait()  # every call is in flight, none has an image yet
-        removed_at = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(requests) + 8) as pool:
+        # Started one at a time, each call finds the replicas' queues as the last one left them, so Serve's
+        # routing by queue length spreads them; calls that arrive together may all land on one replica.
+        futures, replicas_hit = [], []
+        for i in range(8):
+            futures.append(pool.submit(raw_call, f"raw {i}", 4, 500 + 10 * i))
+            replicas_hit.append(placed.get(timeout=60))
+            if len(replicas_hit) >= len(requests) and len(set(replicas_hit)) == 2 and replicas_hit[-1] == doomed:
+                break  # the lost replica's last call waits behind the others: in flight when the node goes
+        futures += [pool.submit(client_call, *r) for r in requests]
+        for _ in futures:
+            assert accepted.acquire(timeout=60), f"a call was never accepted: {raw}"
+        removed_at = time.monotonic()  # every call is in flight, none has read an image yet
         two_replicas.cluster.remove_node(two_replicas.worker)
+        node_removed.set()
         for future in futures:
             future.result(timeout=DEADLINE + 30)
 
-    on_doomed = [p for p, o in raw.items() if o["replica"] == doomed]
-    assert on_doomed, f"no in-flight call was on the lost node's replica: {raw}"
-    for prompt, outcome in raw.items():
-        if outcome["replica"] == doomed:
-            assert outcome["code"] == grpc.StatusCode.UNAVAILABLE, outcome
-            assert "replica serving this call was lost" in outcome["details"]
-            assert outcome["ended"] - removed_at < 10, outcome  # Serve notices the dead actor at once
-        else:
-            assert outcome["code"] == grpc.StatusCode.OK and outcome["images"] == 4, outcome
+    complete = {p for p, o in raw.items() if o["code"] == grpc.StatusCode.OK and o["images"] == 4}
+    cut = [p for p, o in raw.items() if o["replica"] == doomed and p not in complete]
+    # The lost replica serves its calls one after another: the first may have finished before the node went.
+    assert cut, f"no call was still in flight on the lost node's replica: {raw}"
+    for prompt in cut:
+        outcome = raw[prompt]
+        assert outcome["code"] == grpc.StatusCode.UNAVAILABLE, outcome
+        assert "replica serving this call was lost" in outcome["details"]
+        assert outcome["ended"] - removed_at < 10, outcome  # Serve notices the dead actor at once
+    assert all(p in complete for p, o in raw.items() if o["replica"] != doomed), raw
     print("in-flight calls on the lost replica ended after", sorted(
-        round(raw[p]["ended"] - removed_at, 3) for p in on_doomed), "s")
+        round(raw[p]["ended"] - removed_at, 3) for p in cut), "s")
     for prompt, got in resubmitted.items():
         assert not isinstance(got, Exception), f"{prompt}: {got}"
         assert got == expected[prompt], f"{prompt}: other images after resubmission"
