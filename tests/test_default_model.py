@@ -119,19 +119,26 @@ def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
     from palette.training import shapes
 
     fixed = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False)
-    other = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, prompt_seed=1234)
-    pooled = evaluate.evaluate(default_config_path().parent, n=1, candidates=2, progress=False, prompt_seed=(1234, 99))
+    other = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, prompt_seed=1234,
+                              objects=(1,))
+    pooled = evaluate.evaluate(default_config_path().parent, n=1, candidates=2, progress=False, prompt_seed=(1234, 99),
+                               objects=(2,))
     assert fixed["prompt_seed"] is None and other["prompt_seed"] == 1234
     assert "prompt seed 1234" in other["table"] and "perfect ranker" in other["table"]
-    assert "2 single-object prompts per set (prompt seeds 1234, 99)" in pooled["table"]
-    for results in (fixed, other, pooled):
-        for kind in evaluate.KINDS:
+    assert "two-object" in fixed["table"] and "two-object" not in other["table"]
+    assert "2 two-object prompts per set (prompt seeds 1234, 99)" in pooled["table"]
+    assert "single-object" not in pooled["table"]
+    for results, kinds in ((fixed, evaluate.KINDS + evaluate.TWO_OBJECT_KINDS), (other, evaluate.KINDS),
+                           (pooled, evaluate.TWO_OBJECT_KINDS)):
+        for kind in kinds:
             r = results[kind]
             # A prompt whose pick is right has a right candidate: a ranker cannot beat the best candidate.
             assert r["any_correct"] >= max(r["random"]["all_correct"], r["clip_top1"]["all_correct"])
             assert r["psnr"] > 20.0
-    for kind in evaluate.KINDS:
+    for kind, two in zip(evaluate.KINDS, evaluate.TWO_OBJECT_KINDS):
         assert fixed[kind]["prompts"] == [p.prompt for p in shapes.eval_prompts(kind, 2)]
+        assert fixed[two]["prompts"] == [p.prompt for p in shapes.eval_prompts(kind, 2, two_objects_prob=1.0)]
         assert other[kind]["prompts"] == [p.prompt for p in shapes.eval_prompts(kind, 2, seed=1234)]
         assert other[kind]["prompts"] != fixed[kind]["prompts"]
-        assert pooled[kind]["prompts"] == [p.prompt for s in (1234, 99) for p in shapes.eval_prompts(kind, 1, seed=s)]
+        assert pooled[two]["prompts"] == [p.prompt for s in (1234, 99)
+                                          for p in shapes.eval_prompts(kind, 1, seed=s, two_objects_prob=1.0)]

@@ -483,6 +483,21 @@ def test_distractor_captions_change_one_attribute():
         assert p.prompt not in captions
 
 
+def test_distractor_captions_of_two_objects_include_swaps():
+    rng = np.random.default_rng(0)
+    for p in shapes.eval_prompts("heldout", 6, two_objects_prob=1.0):
+        scene = p.scene
+        captions = evaluate.distractor_captions(scene, rng, k=40)
+        assert len(captions) == 40 == len(set(captions)) and p.prompt not in captions
+        a, b = scene.objects
+        swap = dataclasses.replace
+        colours_swapped = swap(scene, objects=(swap(a, colour=b.colour), swap(b, colour=a.colour)))
+        # (the canonical caption states places, not the relation)
+        places_swapped = swap(scene, objects=(swap(a, position=b.position), swap(b, position=a.position)))
+        assert shapes.caption(colours_swapped, full=True) in captions
+        assert shapes.caption(places_swapped, full=True) in captions
+
+
 def test_markdown_table_lists_every_attribute():
     acc = {a: 0.5 for a in evaluate.ATTRS}
     results = {"n": 4, "candidates": 8, **{k: {"psnr": 20.0, "retrieval": 0.25, "random": acc, "clip_top1": acc}
@@ -495,6 +510,14 @@ def test_markdown_table_lists_every_attribute():
         results[k]["any_correct"] = 0.75
     assert "| all correct for some candidate of 8 (what a perfect ranker would score) | 75.0 % | 75.0 % |" in (
         evaluate.markdown_table(results))
+    assert "two objects" not in evaluate.markdown_table(results)
+    two = {a: 0.25 for a in evaluate.TWO_OBJECT_ATTRS}
+    results.update({k: {"psnr": 20.0, "retrieval": 0.25, "random": two, "clip_top1": two, "any_correct": 0.5}
+                    for k in evaluate.TWO_OBJECT_KINDS})
+    table = evaluate.markdown_table(results)
+    assert "| relation | 25.0 % | 25.0 % | 25.0 % | 25.0 % |" in table
+    assert "two objects, held-out: CLIP top-1 of 8" in table and "4 two-object prompts per set" in table
+    assert "| relation" not in table.split("| attribute | two objects")[0]
 
 
 def test_cli_parses_train_and_eval():
@@ -512,7 +535,11 @@ def test_cli_parses_train_and_eval():
     with pytest.raises(SystemExit):
         p.parse_args(["eval", "--prompt-seed", "11,x"])
     a = p.parse_args(["eval", "--temperature", "0.7", "--top-k", "4"])
-    assert (a.temperature, a.top_k) == (0.7, 4)
+    assert (a.temperature, a.top_k, a.objects) == (0.7, 4, (1, 2))
+    assert p.parse_args(["eval", "--two-objects"]).objects == (2,)
+    assert p.parse_args(["eval", "--one-object"]).objects == (1,)
+    with pytest.raises(SystemExit):
+        p.parse_args(["eval", "--one-object", "--two-objects"])
 
 
 def write_random_set(out, seed: int = 0) -> None:

@@ -7,7 +7,7 @@
     train dallebart --out DIR [...]     (on the pool's patch codes, as `train default` trains it)
     train clip     --out DIR [...]      (on DIR/vqgan's paintings of the pool's codes; needs DIR/vqgan)
     eval [--models models/default] [--n 48] [--grid out/eval-grid.png] [--json out/eval.json] [--seed 0]
-         [--prompt-seed S[,S...]] [--condition-scale S]
+         [--prompt-seed S[,S...]] [--one-object | --two-objects] [--condition-scale S]
 
 Runnable as `python -m palette.training.cli train default --out models/default`.
 """
@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluation table of a model set (held-out and seen prompts)")
     ev.add_argument("--models", default="models/default", help="model-set folder (default: %(default)s)")
-    ev.add_argument("--n", type=int, default=48, help="prompts per set (default: %(default)s)")
+    ev.add_argument("--n", type=int, default=48, help="prompts per set: held-out and seen, of one and of two objects (default: %(default)s)")
     ev.add_argument("--grid", default="out/eval-grid.png", help="grid picture to write ('' for none)")
     ev.add_argument("--json", default=None, help="write the results as JSON here")
     ev.add_argument("--seed", type=int, default=0)
@@ -81,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="draw other prompts with this seed, or --n per seed with several, pooled (validation: "
                          "choose settings on these, so the eval prompts stay unseen; default: the fixed eval "
                          "prompts)")
+    only = ev.add_mutually_exclusive_group()
+    only.add_argument("--one-object", dest="objects", action="store_const", const=(1,), default=(1, 2),
+                      help="only the single-object prompts (default: single- and two-object prompts)")
+    only.add_argument("--two-objects", dest="objects", action="store_const", const=(2,),
+                      help="only the two-object prompts")
     ev.add_argument("--condition-scale", type=float, default=None,
                     help="super-conditioning scale of the candidates (default: the model set's, in its "
                          "pipeline.toml)")
@@ -109,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .evaluate import main_eval
 
         main_eval(args.models, args.n, args.grid or None, args.json, seed=args.seed, prompt_seed=args.prompt_seed,
-                  condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k)
+                  condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k,
+                  objects=args.objects)
         return 0
     return 2
 

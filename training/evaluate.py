@@ -1,7 +1,7 @@
 """`palette eval`: how well a model set draws what the prompts say.
 
-On the held-out prompts (whose colour x shape pair no training image shows) and
-on seen prompts, separately:
+On one-object and on two-object prompts, each held-out (the first object's
+colour x shape pair no training image shows) and seen, separately:
 
 * VQGAN reconstruction PSNR of the prompts' ground-truth images;
 * attribute accuracy, read back by the deterministic analyser, of a random
@@ -9,7 +9,9 @@ on seen prompts, separately:
   pick would only estimate with the noise of one draw per prompt) and of CLIP's
   top-1 among `candidates` images;
 * CLIP top-1 retrieval of the right caption for the ground-truth image among
-  itself and 7 distractor captions that each change one attribute of the scene;
+  itself and 7 distractor captions that each change one attribute of the scene
+  (for two objects: of either object, or the two objects' colours, shapes or
+  places swapped);
 * how often some candidate is all correct: the most any ranker could score.
 
 Everything runs through the same code the server runs (`Pipeline.load` of the
@@ -29,9 +31,13 @@ import numpy as np
 from . import analyse, shapes
 
 ATTRS = ("count", "background", "colour", "shape", "size", "position", "all_correct")
+#: Two-object prompts are also scored on the relation of the first object to the second.
+TWO_OBJECT_ATTRS = ("count", "background", "colour", "shape", "size", "position", "relation", "all_correct")
 ATTR_LABELS = {"count": "object count", "all_correct": "**all correct**"}
+#: The prompt sets of one object, and of two (`TWO_OBJECT_KINDS[i]` is `KINDS[i]` with two objects).
 KINDS = ("heldout", "seen")
-KIND_LABELS = {"heldout": "held-out", "seen": "seen"}
+TWO_OBJECT_KINDS = ("heldout_two", "seen_two")
+KIND_LABELS = {"heldout": "held-out", "seen": "seen", "heldout_two": "held-out", "seen_two": "seen"}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -48,39 +54,42 @@ def reconstruction_psnr(vq, images: np.ndarray) -> float:
     return float(np.mean([psnr(a, b) for a, b in zip(images, recon)]))
 
 
-def _variants(scene: shapes.SceneSpec) -> list[shapes.SceneSpec]:
-    """Every valid scene that differs from `scene` in exactly one attribute of its first object or the background."""
-    out = []
-    o = scene.objects[0]
-    changes: list[dict[str, Any]] = (
-        [{"colour": c} for c in shapes.COLOUR_NAMES if c != o.colour]
-        + [{"shape": s} for s in shapes.SHAPES if s != o.shape]
-        + [{"size": z} for z in shapes.SIZES if z != o.size]
-        + [{"position": p} for p in shapes.POSITION_NAMES if p != o.position]
-    )
-    for change in changes:
+def _variants(scene: shapes.SceneSpec) -> dict[str, list[shapes.SceneSpec]]:
+    """Every valid scene that differs from `scene` in exactly one attribute of one object or the background, by
+    attribute; for two objects also "swap": the two objects' colours, shapes or places exchanged."""
+    out: dict[str, list[shapes.SceneSpec]] = {}
+
+    def add(attr: str, **change) -> None:
         try:
-            out.append(replace(scene, objects=(replace(o, **change),) + scene.objects[1:]))
+            out.setdefault(attr, []).append(replace(scene, **change))
         except ValueError:
             pass
+
+    values = {"colour": shapes.COLOUR_NAMES, "shape": shapes.SHAPES, "size": shapes.SIZES,
+              "position": shapes.POSITION_NAMES}
+    for k, o in enumerate(scene.objects):
+        for attr, domain in values.items():
+            for v in domain:
+                if v != getattr(o, attr):
+                    objects = list(scene.objects)
+                    objects[k] = replace(o, **{attr: v})
+                    add(attr, objects=tuple(objects))
     for b in shapes.BACKGROUNDS:
         if b != scene.background:
-            try:
-                out.append(replace(scene, background=b))
-            except ValueError:
-                pass
+            add("background", background=b)
+    if len(scene.objects) == 2:
+        a, b = scene.objects
+        for attr in ("colour", "shape", "position"):
+            if getattr(a, attr) != getattr(b, attr):
+                swapped = (replace(a, **{attr: getattr(b, attr)}), replace(b, **{attr: getattr(a, attr)}))
+                relation = analyse.relation_between(*swapped) if attr == "position" else scene.relation
+                add("swap", objects=swapped, relation=relation)
     return out
 
 
 def distractor_captions(scene: shapes.SceneSpec, rng: np.random.Generator, k: int = 7) -> list[str]:
     """`k` canonical captions of scenes one attribute away from `scene`, spread over the attributes."""
-    variants = _variants(scene)
-    by_attr: dict[str, list[shapes.SceneSpec]] = {}
-    o = scene.objects[0]
-    for v in variants:
-        vo = v.objects[0]
-        attr = next((a for a in ("colour", "shape", "size", "position") if getattr(vo, a) != getattr(o, a)), "background")
-        by_attr.setdefault(attr, []).append(v)
+    by_attr = _variants(scene)
     picked: list[shapes.SceneSpec] = []
     attrs = sorted(by_attr)
     while len(picked) < k and any(by_attr.values()):
@@ -112,17 +121,20 @@ def evaluate(
     n: int = 48,
     candidates: int = 8,
     grid_path: str | Path | None = None,
-    grid_rows: int = 6,
+    grid_rows: int = 4,
     seed: int = 0,
     progress: bool = True,
     condition_scale: float | None = None,
     temperature: float | None = None,
     top_k: int | None = None,
     prompt_seed: int | Sequence[int] | None = None,
+    objects: Sequence[int] = (1, 2),
 ) -> dict[str, Any]:
     """The evaluation table as a dict: {kind: {psnr, retrieval, random: {attr: acc}, clip_top1: {...},
-    any_correct}, ...}; `any_correct` is the share of prompts with at least one all-correct candidate (what a
-    perfect ranker would score).
+    any_correct, prompts, picks}, ...} for the one-object `KINDS` and the two-object `TWO_OBJECT_KINDS`
+    (`objects`: which of them, by object count); `any_correct` is the share of prompts with at least one
+    all-correct candidate (what a perfect ranker would score), `picks` per prompt the analyser's verdict on
+    each candidate and CLIP's pick.
 
     `prompt_seed` draws other prompts of the same kinds (validation prompts: settings chosen on them leave
     the eval prompts unseen), `n` per seed when it is several seeds, pooled; None gives the fixed eval
@@ -132,6 +144,8 @@ def evaluate(
     from palette.stages.ranker import CLIPScorer
     from palette.stages.sampler import SamplingParams
 
+    if not objects or set(objects) - {1, 2}:
+        raise ValueError(f"objects must be 1, 2 or both, got {tuple(objects)}")
     models = Path(models)
     t0 = time.monotonic()
     pipeline = Pipeline.load(models / "pipeline.toml")
@@ -153,15 +167,19 @@ def evaluate(
                                "sampling": sampling, "condition_scale": scale["condition_scale"]}
     grid: list[tuple[str, np.ndarray, list[np.ndarray]]] = []
     seeds = [prompt_seed] if prompt_seed is None or isinstance(prompt_seed, int) else list(prompt_seed)
+    # (set, its prompts' kind, two-object share, index of the set in the candidates' seeds)
+    sets = [(kind, kind, 0.0, k_i) for k_i, kind in enumerate(KINDS) if 1 in objects]
+    sets += [(two, kind, 1.0, len(KINDS) + k_i) for k_i, (two, kind) in enumerate(zip(TWO_OBJECT_KINDS, KINDS))
+             if 2 in objects]
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=2 * n * len(seeds), desc="eval", dynamic_ncols=True, mininterval=2.0)
-    for k_i, kind in enumerate(KINDS):
-        prompts = [p for s in seeds for p in shapes.eval_prompts(kind, n, seed=s)]
+        bar = tqdm(total=len(sets) * n * len(seeds), desc="eval", dynamic_ncols=True, mininterval=2.0)
+    for name, kind, two_objects_prob, k_i in sets:
+        prompts = [p for s in seeds for p in shapes.eval_prompts(kind, n, seed=s, two_objects_prob=two_objects_prob)]
         truth = np.stack([shapes.render(p.scene) for p in prompts])
-        random_scores, top_scores, any_correct = [], [], []
+        random_scores, top_scores, any_correct, picks = [], [], [], []
         for i, p in enumerate(prompts):
             params = [SamplingParams(seed=seed * 1_000_003 + k_i * 100_000 + i * candidates + j, **scale)
                       for j in range(candidates)]
@@ -173,17 +191,19 @@ def evaluate(
             random_scores.extend(scores_each)  # every candidate: the expected accuracy of a random pick
             top_scores.append(scores_each[int(order[0])])
             any_correct.append(any(r["all_correct"] for r in scores_each))
+            picks.append({"pick": int(order[0]), "candidates": scores_each})
             if i < grid_rows:
-                grid.append((f"[{KIND_LABELS[kind]}] {p.prompt}", truth[i], [images[j] for j in order[:4]]))
+                grid.append((f"[{label(name)}] {p.prompt}", truth[i], [images[j] for j in order[:4]]))
             if bar is not None:
                 bar.update(1)
-        results[kind] = {
+        results[name] = {
             "psnr": reconstruction_psnr(vq, truth),
             "retrieval": retrieval_accuracy(scorer, truth, [p.scene for p in prompts], seed=seed + k_i),
             "random": analyse.accuracy(random_scores),
             "clip_top1": analyse.accuracy(top_scores),
             "any_correct": float(np.mean(any_correct)),
             "prompts": [p.prompt for p in prompts],
+            "picks": picks,
         }
     if bar is not None:
         bar.close()
@@ -195,37 +215,49 @@ def evaluate(
     return results
 
 
+def label(kind: str) -> str:
+    """"held-out", "seen", "two objects, held-out", ..."""
+    return ("two objects, " if kind in TWO_OBJECT_KINDS else "") + KIND_LABELS[kind]
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """The evaluation as two Markdown tables (attributes; reconstruction and retrieval)."""
+    """The evaluation as Markdown tables: per prompt set present (one object, two objects), attributes, then
+    reconstruction and retrieval."""
     c = results.get("candidates", 8)
-    head = ["attribute"] + [f"{KIND_LABELS[k]}: {col}" for k in KINDS
-                            for col in (f"random (mean of {c})", f"CLIP top-1 of {c}")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for a in ATTRS:
-        row = [ATTR_LABELS.get(a, a)]
-        for k in KINDS:
-            for col in ("random", "clip_top1"):
-                v = results[k][col].get(a)
-                row.append("–" if v is None else f"{100 * v:.1f} %")
-        lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| | " + " | ".join(KIND_LABELS[k] for k in KINDS) + " |", "|---|" + "---|" * len(KINDS)]
-    lines.append("| VQGAN reconstruction PSNR | " + " | ".join(f"{results[k]['psnr']:.2f} dB" for k in KINDS) + " |")
-    lines.append("| CLIP caption retrieval, top-1 of 8 (7 one-attribute distractors) | "
-                 + " | ".join(f"{100 * results[k]['retrieval']:.1f} %" for k in KINDS) + " |")
-    if all("any_correct" in results[k] for k in KINDS):
-        lines.append(f"| all correct for some candidate of {c} (what a perfect ranker would score) | "
-                     + " | ".join(f"{100 * results[k]['any_correct']:.1f} %" for k in KINDS) + " |")
-    n = len(results[KINDS[0]]["prompts"]) if "prompts" in results[KINDS[0]] else results.get("n")
-    lines.append("")
     sampling = results.get("sampling", {"condition_scale": results.get("condition_scale", 10.0)})
     labels = {"condition_scale": "condition scale", "top_k": "top-k"}
     how = ", ".join(f"{labels.get(k, k)} {v:g}" for k, v in sampling.items())
     seeds = results.get("prompt_seed")
     which = ("" if seeds is None else f" (prompt seed {seeds})" if isinstance(seeds, int)
              else f" (prompt seeds {', '.join(str(x) for x in seeds)})")
-    lines.append(f"{n} single-object prompts per set{which}, {c} candidates each ({how}); "
-                 "attributes read by `palette.training.analyse`.")
-    return "\n".join(lines)
+    out = []
+    for kinds, attrs, what in ((KINDS, ATTRS, "single-object"), (TWO_OBJECT_KINDS, TWO_OBJECT_ATTRS, "two-object")):
+        if not all(k in results for k in kinds):
+            continue
+        head = ["attribute"] + [f"{label(k)}: {col}" for k in kinds
+                                for col in (f"random (mean of {c})", f"CLIP top-1 of {c}")]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for a in attrs:
+            row = [ATTR_LABELS.get(a, a)]
+            for k in kinds:
+                for col in ("random", "clip_top1"):
+                    v = results[k][col].get(a)
+                    row.append("–" if v is None else f"{100 * v:.1f} %")
+            lines.append("| " + " | ".join(row) + " |")
+        lines += ["", "| | " + " | ".join(label(k) for k in kinds) + " |", "|---|" + "---|" * len(kinds)]
+        lines.append("| VQGAN reconstruction PSNR | " + " | ".join(f"{results[k]['psnr']:.2f} dB" for k in kinds)
+                     + " |")
+        lines.append("| CLIP caption retrieval, top-1 of 8 (7 one-attribute distractors) | "
+                     + " | ".join(f"{100 * results[k]['retrieval']:.1f} %" for k in kinds) + " |")
+        if all("any_correct" in results[k] for k in kinds):
+            lines.append(f"| all correct for some candidate of {c} (what a perfect ranker would score) | "
+                         + " | ".join(f"{100 * results[k]['any_correct']:.1f} %" for k in kinds) + " |")
+        n = len(results[kinds[0]]["prompts"]) if "prompts" in results[kinds[0]] else results.get("n")
+        lines.append("")
+        lines.append(f"{n} {what} prompts per set{which}, {c} candidates each ({how}); "
+                     "attributes read by `palette.training.analyse`.")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def save_grid(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: str | Path, scale: int = 2) -> Path:
@@ -260,9 +292,10 @@ def save_grid(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: str | 
 
 def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed: int = 0,
               condition_scale: float | None = None, temperature: float | None = None,
-              top_k: int | None = None, prompt_seed: int | Sequence[int] | None = None) -> dict[str, Any]:
+              top_k: int | None = None, prompt_seed: int | Sequence[int] | None = None,
+              objects: Sequence[int] = (1, 2)) -> dict[str, Any]:
     results = evaluate(models, n=n, grid_path=grid, seed=seed, prompt_seed=prompt_seed,
-                       condition_scale=condition_scale, temperature=temperature, top_k=top_k)
+                       condition_scale=condition_scale, temperature=temperature, top_k=top_k, objects=objects)
     print(results["table"])
     if grid:
         print(f"\ngrid: {grid}")
