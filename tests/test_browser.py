@@ -1,7 +1,7 @@
 """The web page in a real browser: Debian's chromium driven by Playwright for Python.
 
 Nothing is downloaded: the browser is /usr/bin/chromium (.ci/run installs it with apt-get when missing;
-never `playwright install`), and everything the page needs comes from the Palette server. One browser
+Playwright's own browser download is never used), and everything the page needs comes from the Palette server. One browser
 for the module. Set PALETTE_SCREENSHOT=docs/web-page.png to refresh the README's screenshot.
 """
 
