@@ -83,9 +83,9 @@ def client():
 
 def _read(image: GeneratedImage) -> dict:
     analysis = analyse(np.asarray(Image.open(io.BytesIO(image.data)).convert("RGB")))
-    return {"seed": image.seed, "score": image.score and round(image.score, 2), "background": analysis.background,
-            "colours": [o.colour for o in analysis.objects], "shapes": [o.shape for o in analysis.objects],
-            "positions": [o.position for o in analysis.objects]}
+    return {"seed": image.seed, "score": None if image.score is None else round(image.score, 2),
+            "background": analysis.background, "colours": [o.colour for o in analysis.objects],
+            "shapes": [o.shape for o in analysis.objects], "positions": [o.position for o in analysis.objects]}
 
 
 @pytest.fixture(scope="module")
