@@ -124,16 +124,22 @@ def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
     from palette.training import evaluate
     from palette.training import shapes
 
-    fixed = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False)
+    fixed = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, open_n=1)
     other = evaluate.evaluate(default_config_path().parent, n=2, candidates=3, progress=False, prompt_seed=1234,
-                              objects=(1,))
+                              objects=(1,), open_n=0)
     pooled = evaluate.evaluate(default_config_path().parent, n=1, candidates=2, progress=False, prompt_seed=(1234, 99),
-                               objects=(2,))
+                               objects=(2,), open_n=0)
     assert fixed["prompt_seed"] is None and other["prompt_seed"] == 1234
     assert "prompt seed 1234" in other["table"] and "perfect ranker" in other["table"]
     assert "two-object" in fixed["table"] and "two-object" not in other["table"]
     assert "2 two-object prompts per set (prompt seeds 1234, 99)" in pooled["table"]
     assert "single-object" not in pooled["table"]
+    # Prompts that leave attributes open: a phrasing each, scored on what they state, the rest counted as spread.
+    assert "open" not in other and "leaves attributes open" in fixed["table"]
+    assert list(fixed["open"]) == [t for ts in shapes.OPEN_PHRASINGS.values() for t in ts]
+    one_open = fixed["open"]["{a_c} {s}"]
+    assert set(one_open["distinct"]) == {"background", "size", "position"} and one_open["prompts"] == 1
+    assert set(fixed["open"]["two shapes on {a_b} background"]["distinct"]) == {"colour", "shape", "size", "position"}
     for results, kinds in ((fixed, evaluate.KINDS + evaluate.TWO_OBJECT_KINDS), (other, evaluate.KINDS),
                            (pooled, evaluate.TWO_OBJECT_KINDS)):
         for kind in kinds:

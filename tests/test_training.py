@@ -279,6 +279,20 @@ def test_dallebart_trainer_needs_a_config_for_the_code_vocabulary(tmp_path, pool
                         tiny_dallebart_config(bart_vocab))
 
 
+def test_open_prompts_state_only_what_their_phrasing_says():
+    prompts = shapes.open_prompts(3)
+    assert len(prompts) == 3 * sum(map(len, shapes.OPEN_PHRASINGS.values()))
+    by_phrasing = {p.phrasing: p for p in prompts}
+    one = by_phrasing["{a_c} {s}"]
+    assert one.prompt == f"{'an' if one.scene.objects[0].colour[0] in 'aeiou' else 'a'} {one.scene.objects[0].colour} "\
+                         f"{one.scene.objects[0].shape}" and one.mentioned == {"colour", "shape"}
+    two = by_phrasing["two shapes on {a_b} background"]
+    assert len(two.scene.objects) == 2 and two.mentioned == {"background"} and two.scene.background in two.prompt
+    assert not any(p.scene.has_heldout for p in prompts)
+    assert shapes.phrasing_label("{a_c1} {s1} and {a_c2} {s2}") == "a [colour] [shape] and a [colour] [shape]"
+    assert [p.prompt for p in shapes.open_prompts(3)] == [p.prompt for p in prompts]
+
+
 def test_grid_positions_encode_rows_and_columns():
     table = grid_position_embeddings(16, 128, std=0.02)
     assert table.shape == (256, 128) and np.isclose(table.std(), 0.02, rtol=1e-3)

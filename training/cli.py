@@ -7,7 +7,7 @@
     train dallebart --out DIR [...]     (on the pool's patch codes, as `train default` trains it)
     train clip     --out DIR [...]      (on DIR/vqgan's paintings of the pool's codes; needs DIR/vqgan)
     eval [--models models/default] [--n 48] [--grid out/eval-grid.png] [--json out/eval.json] [--seed 0]
-         [--prompt-seed S[,S...]] [--one-object | --two-objects] [--condition-scale S]
+         [--prompt-seed S[,S...]] [--one-object | --two-objects] [--open-prompts 8] [--condition-scale S]
 
 Runnable as `python -m palette.training.cli train default --out models/default`.
 """
@@ -44,6 +44,8 @@ def _prompt_seeds(text: str) -> int | tuple[int, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .evaluate import OPEN_PROMPTS_PER_PHRASING
+
     parser = argparse.ArgumentParser(prog="palette", description="Train and evaluate Palette's own model set.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -86,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="only the single-object prompts (default: single- and two-object prompts)")
     only.add_argument("--two-objects", dest="objects", action="store_const", const=(2,),
                       help="only the two-object prompts")
+    ev.add_argument("--open-prompts", type=int, default=OPEN_PROMPTS_PER_PHRASING, metavar="N",
+                    help="prompts per phrasing that leaves attributes open, 'a red circle' or 'two shapes on a "
+                         "white background' (0 for none; default: %(default)s)")
     ev.add_argument("--condition-scale", type=float, default=None,
                     help="super-conditioning scale of the candidates (default: the model set's, in its "
                          "pipeline.toml)")
@@ -115,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         main_eval(args.models, args.n, args.grid or None, args.json, seed=args.seed, prompt_seed=args.prompt_seed,
                   condition_scale=args.condition_scale, temperature=args.temperature, top_k=args.top_k,
-                  objects=args.objects)
+                  objects=args.objects, open_n=args.open_prompts)
         return 0
     return 2
 

@@ -14,6 +14,10 @@ colour x shape pair no training image shows) and seen, separately:
   places swapped);
 * how often some candidate is all correct: the most any ranker could score.
 
+and on prompts that leave attributes open ("a red circle", "two shapes on a white
+background"): how often what they state is right, and how many different values the
+candidates show of what they leave free.
+
 Everything runs through the same code the server runs (`Pipeline.load` of the
 set's pipeline.toml), and everything is seeded, so the numbers are reproducible.
 """
@@ -116,6 +120,46 @@ def retrieval_accuracy(scorer, images: np.ndarray, scenes: Sequence[shapes.Scene
     return hits / max(1, len(scenes))
 
 
+#: Prompts per open phrasing in `palette eval` (`shapes.OPEN_PHRASINGS`).
+OPEN_PROMPTS_PER_PHRASING = 8
+#: What a candidate shows of each attribute a prompt may leave open (several objects: their values, sorted).
+FREE_READINGS = {
+    "background": lambda a: a.background,
+    **{attr: (lambda name: lambda a: tuple(sorted(getattr(o, name) for o in a.objects)))(attr)
+       for attr in ("colour", "shape", "size", "position")},
+}
+
+
+def evaluate_open(pipeline, prompts: Sequence[shapes.EvalPrompt], candidates: int, sampling: dict, seed: int = 0,
+                  bar=None) -> dict[str, Any]:
+    """Prompts that leave attributes open: per phrasing, how often the stated attributes (and the object count)
+    are right, for a random candidate and CLIP's pick, and how many different values the candidates with the
+    right count show of each attribute left open (the mean over prompts): right where the prompt binds, free
+    where it does not."""
+    from palette.stages.sampler import SamplingParams
+
+    by_phrasing: dict[str, dict[str, list]] = {}
+    for i, p in enumerate(prompts):
+        params = [SamplingParams(seed=seed * 1_000_003 + 900_000 + i * candidates + j, **sampling)
+                  for j in range(candidates)]
+        items = pipeline.run(p.prompt, params, rank=True)
+        readings = [analyse.analyse(np.asarray(it["image"].convert("RGB"))) for it in items]
+        scores = [analyse.score(r, p.scene, p.mentioned) for r in readings]
+        pick = int(np.argmax([float(it["score"]) for it in items]))
+        entry = by_phrasing.setdefault(p.phrasing or p.prompt, {"random": [], "clip_top1": [], "distinct": []})
+        entry["random"] += [s["all_correct"] for s in scores]
+        entry["clip_top1"].append(scores[pick]["all_correct"])
+        counted = [r for r in readings if len(r.objects) == len(p.scene.objects)]
+        free = [a for a in FREE_READINGS if a not in p.mentioned]
+        entry["distinct"].append({a: len({FREE_READINGS[a](r) for r in counted}) for a in free})
+        if bar is not None:
+            bar.update(1)
+    return {phrasing: {"random": float(np.mean(e["random"])), "clip_top1": float(np.mean(e["clip_top1"])),
+                       "distinct": {a: float(np.mean([d[a] for d in e["distinct"]])) for a in e["distinct"][0]},
+                       "prompts": len(e["clip_top1"])}
+            for phrasing, e in by_phrasing.items()}
+
+
 def evaluate(
     models: str | Path = "models/default",
     n: int = 48,
@@ -129,6 +173,7 @@ def evaluate(
     top_k: int | None = None,
     prompt_seed: int | Sequence[int] | None = None,
     objects: Sequence[int] = (1, 2),
+    open_n: int = OPEN_PROMPTS_PER_PHRASING,
 ) -> dict[str, Any]:
     """The evaluation table as a dict: {kind: {psnr, retrieval, random: {attr: acc}, clip_top1: {...},
     any_correct, prompts, picks}, ...} for the one-object `KINDS` and the two-object `TWO_OBJECT_KINDS`
@@ -138,7 +183,8 @@ def evaluate(
 
     `prompt_seed` draws other prompts of the same kinds (validation prompts: settings chosen on them leave
     the eval prompts unseen), `n` per seed when it is several seeds, pooled; None gives the fixed eval
-    prompts."""
+    prompts. `open_n` prompts per phrasing that leaves attributes open (`shapes.open_prompts`; 0 for none)
+    give "open": `evaluate_open`'s figures."""
     from palette.stages.models.vqgan import VQGAN
     from palette.stages.pipeline import Pipeline
     from palette.stages.ranker import CLIPScorer
@@ -175,7 +221,8 @@ def evaluate(
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(sets) * n * len(seeds), desc="eval", dynamic_ncols=True, mininterval=2.0)
+        total = len(sets) * n * len(seeds) + open_n * sum(map(len, shapes.OPEN_PHRASINGS.values()))
+        bar = tqdm(total=total, desc="eval", dynamic_ncols=True, mininterval=2.0)
     for name, kind, two_objects_prob, k_i in sets:
         prompts = [p for s in seeds for p in shapes.eval_prompts(kind, n, seed=s, two_objects_prob=two_objects_prob)]
         truth = np.stack([shapes.render(p.scene) for p in prompts])
@@ -205,6 +252,10 @@ def evaluate(
             "prompts": [p.prompt for p in prompts],
             "picks": picks,
         }
+    if open_n:
+        results["open"] = evaluate_open(pipeline, shapes.open_prompts(open_n, seed=None if prompt_seed is None
+                                                                      else seeds[0] + 500),
+                                        candidates, scale, seed, bar)
     if bar is not None:
         bar.close()
     results["seconds"] = round(time.monotonic() - t0, 1)
@@ -257,6 +308,16 @@ def markdown_table(results: dict[str, Any]) -> str:
         lines.append(f"{n} {what} prompts per set{which}, {c} candidates each ({how}); "
                      "attributes read by `palette.training.analyse`.")
         out.append("\n".join(lines))
+    if results.get("open"):
+        lines = [f"| prompt that leaves attributes open | stated attributes right: random (mean of {c}) | "
+                 f"CLIP top-1 of {c} | different values among the {c} candidates (mean) |", "|---|---|---|---|"]
+        for phrasing, r in results["open"].items():
+            spread = ", ".join(f"{a} {v:.1f}" for a, v in r["distinct"].items())
+            lines.append(f"| {shapes.phrasing_label(phrasing)} | {100 * r['random']:.1f} % | "
+                         f"{100 * r['clip_top1']:.1f} % | {spread} |")
+        n_open = next(iter(results["open"].values()))["prompts"]
+        lines += ["", f"{n_open} prompts per phrasing, seen colour x shape pairs; the object count is always stated."]
+        out.append("\n".join(lines))
     return "\n\n".join(out)
 
 
@@ -293,9 +354,10 @@ def save_grid(rows: list[tuple[str, np.ndarray, list[np.ndarray]]], path: str | 
 def main_eval(models: str, n: int, grid: str | None, json_path: str | None, seed: int = 0,
               condition_scale: float | None = None, temperature: float | None = None,
               top_k: int | None = None, prompt_seed: int | Sequence[int] | None = None,
-              objects: Sequence[int] = (1, 2)) -> dict[str, Any]:
+              objects: Sequence[int] = (1, 2), open_n: int = OPEN_PROMPTS_PER_PHRASING) -> dict[str, Any]:
     results = evaluate(models, n=n, grid_path=grid, seed=seed, prompt_seed=prompt_seed,
-                       condition_scale=condition_scale, temperature=temperature, top_k=top_k, objects=objects)
+                       condition_scale=condition_scale, temperature=temperature, top_k=top_k, objects=objects,
+                       open_n=open_n)
     print(results["table"])
     if grid:
         print(f"\ngrid: {grid}")

@@ -490,6 +490,8 @@ class EvalPrompt:
     scene: SceneSpec
     #: Attributes the prompt states (the ones an image can be scored on).
     mentioned: frozenset[str] = field(default_factory=lambda: frozenset(ATTRIBUTES))
+    #: The phrasing it was written in, when not the canonical one (`OPEN_PHRASINGS`).
+    phrasing: str | None = None
 
 
 #: Seeds of the fixed evaluation lists (distinct from any training seed a caller is likely to use).
@@ -532,9 +534,39 @@ def eval_prompts(kind: str = "heldout", n: int = 48, seed: int | None = None, *,
     return out
 
 
+#: Phrasings that leave attributes open, by object count, each with the attributes it states (and the object count,
+#: always): what `open_prompts` asks. The two-object ones are not training phrasings; a user's prompt need not be one.
+OPEN_PHRASINGS: dict[int, dict[str, frozenset[str]]] = {
+    1: {"{a_c} {s}": frozenset({"colour", "shape"}),
+        "{a_c} {s} on {a_b} background": frozenset({"colour", "shape", "background"})},
+    2: {"{a_c1} {s1} and {a_c2} {s2}": frozenset({"colour", "shape"}),
+        "two shapes on {a_b} background": frozenset({"background"})},
+}
+EVAL_SEED_OPEN = 7_000_003
+
+
+def open_prompts(n_per_phrasing: int = 8, seed: int | None = None) -> list[EvalPrompt]:
+    """Prompts in the `OPEN_PHRASINGS` (seen colour x shape pairs), `n_per_phrasing` each, with the scene they were
+    written from: only its `mentioned` attributes (and the object count) are asked for, the rest is free."""
+    rng = np.random.default_rng(EVAL_SEED_OPEN if seed is None else seed)
+    out = []
+    for count, phrasings in OPEN_PHRASINGS.items():
+        for template, mentioned in phrasings.items():
+            for _ in range(n_per_phrasing):
+                scene = sample_scene(rng, two_objects_prob=float(count == 2), exclude_heldout=True, jitter=False)
+                out.append(EvalPrompt(template.format(**_fields(scene, None)), scene, mentioned, template))
+    return out
+
+
+def phrasing_label(template: str) -> str:
+    """A phrasing with its fields as words: "a [colour] [shape] on a [colour] background"."""
+    words = {"a_c": "a [colour]", "s": "[shape]", "a_b": "a [colour]"}
+    return template.format(**words, **{f"{k}{i}": v for k, v in words.items() for i in (1, 2)})
+
+
 __all__ = [
     "ATTRIBUTES", "BACKGROUNDS", "COLOURS", "COLOUR_NAMES", "EvalPrompt", "GRID_CENTRES", "HALF_EXTENT", "HELDOUT",
     "ObjectSpec", "POSITIONS", "POSITION_NAMES", "RELATIONS", "SHAPES", "SIZES", "SceneSpec", "TWO_OBJECT_LAYOUTS",
     "batch", "caption", "caption_and_mentions", "caption_words", "coverage", "eval_prompts", "heldout_scenes", "is_heldout_pair",
-    "iterate_dataset", "render", "sample_scene", "seen_scenes", "shape_mask",
+    "iterate_dataset", "open_prompts", "phrasing_label", "render", "sample_scene", "seen_scenes", "shape_mask",
 ]
