@@ -120,6 +120,21 @@ def test_most_candidates_draw_the_prompted_shape(readings):
     assert right >= 2 * len(PROMPTS) * len(SEEDS) // 3, json.dumps(readings, indent=1)
 
 
+def test_a_prompt_that_leaves_attributes_open_gets_candidates_that_differ_there(client):
+    """"a green circle" states a colour and a shape: CLIP's pick and most candidates keep those, and they spread
+    over the backgrounds and places the prompt leaves free."""
+    images = [e for e in client.generate("a green circle", 8, seed=OPEN_PROMPT_SEED, rank=True)
+              if isinstance(e, GeneratedImage)]
+    readings = sorted((_read(image) for image in images), key=lambda r: -r["score"])
+    right = [r for r in readings if r["colours"] == ["green"] and r["shapes"] == ["circle"]]
+    assert readings[0] in right and len(right) >= len(readings) // 2, json.dumps(readings, indent=1)
+    assert len({r["background"] for r in right}) >= 3, json.dumps(readings, indent=1)
+    assert len({r["positions"][0] for r in right}) >= 2, json.dumps(readings, indent=1)
+
+
+OPEN_PROMPT_SEED = 40
+
+
 def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
     from palette.training import evaluate
     from palette.training import shapes
