@@ -122,12 +122,26 @@ def retrieval_accuracy(scorer, images: np.ndarray, scenes: Sequence[shapes.Scene
 
 #: Prompts per open phrasing in `palette eval` (`shapes.OPEN_PHRASINGS`).
 OPEN_PROMPTS_PER_PHRASING = 8
-#: What a candidate shows of each attribute a prompt may leave open (several objects: their values, sorted).
-FREE_READINGS = {
-    "background": lambda a: a.background,
-    **{attr: (lambda name: lambda a: tuple(sorted(getattr(o, name) for o in a.objects)))(attr)
-       for attr in ("colour", "shape", "size", "position")},
-}
+#: The attributes a prompt may leave open.
+FREE_ATTRIBUTES = ("background", "colour", "shape", "size", "position")
+
+
+def shown(analysis: analyse.Analysis, attribute: str):
+    """What a candidate shows of one of the `FREE_ATTRIBUTES` (for several objects, their values, sorted)."""
+    if attribute == "background":
+        return analysis.background
+    return tuple(sorted(getattr(o, attribute) for o in analysis.objects))
+
+
+def ranked_candidates(pipeline, prompt: str, seeds: Sequence[int],
+                      sampling: dict) -> tuple[list[np.ndarray], np.ndarray]:
+    """`prompt`'s candidates, sampled as the server would with these seeds (uint8 images), and CLIP's order of
+    them, best first."""
+    from palette.stages.sampler import SamplingParams
+
+    items = pipeline.run(prompt, [SamplingParams(seed=s, **sampling) for s in seeds], rank=True)
+    images = [np.asarray(it["image"].convert("RGB")) for it in items]
+    return images, np.argsort(-np.asarray([float(it["score"]) for it in items]), kind="stable")
 
 
 def evaluate_open(pipeline, prompts: Sequence[shapes.EvalPrompt], candidates: int, sampling: dict, seed: int = 0,
@@ -136,22 +150,19 @@ def evaluate_open(pipeline, prompts: Sequence[shapes.EvalPrompt], candidates: in
     are right, for a random candidate and CLIP's pick, and how many different values the candidates with the
     right count show of each attribute left open (the mean over prompts): right where the prompt binds, free
     where it does not."""
-    from palette.stages.sampler import SamplingParams
-
     by_phrasing: dict[str, dict[str, list]] = {}
     for i, p in enumerate(prompts):
-        params = [SamplingParams(seed=seed * 1_000_003 + 900_000 + i * candidates + j, **sampling)
-                  for j in range(candidates)]
-        items = pipeline.run(p.prompt, params, rank=True)
-        readings = [analyse.analyse(np.asarray(it["image"].convert("RGB"))) for it in items]
+        images, order = ranked_candidates(pipeline, p.prompt, [seed * 1_000_003 + 900_000 + i * candidates + j
+                                                               for j in range(candidates)], sampling)
+        readings = [analyse.analyse(im) for im in images]
         scores = [analyse.score(r, p.scene, p.mentioned) for r in readings]
-        pick = int(np.argmax([float(it["score"]) for it in items]))
+        pick = int(order[0])
         entry = by_phrasing.setdefault(p.phrasing or p.prompt, {"random": [], "clip_top1": [], "distinct": []})
         entry["random"] += [s["all_correct"] for s in scores]
         entry["clip_top1"].append(scores[pick]["all_correct"])
         counted = [r for r in readings if len(r.objects) == len(p.scene.objects)]
-        free = [a for a in FREE_READINGS if a not in p.mentioned]
-        entry["distinct"].append({a: len({FREE_READINGS[a](r) for r in counted}) for a in free})
+        free = [a for a in FREE_ATTRIBUTES if a not in p.mentioned]
+        entry["distinct"].append({a: len({shown(r, a) for r in counted}) for a in free})
         if bar is not None:
             bar.update(1)
     return {phrasing: {"random": float(np.mean(e["random"])), "clip_top1": float(np.mean(e["clip_top1"])),
@@ -188,7 +199,6 @@ def evaluate(
     from palette.stages.models.vqgan import VQGAN
     from palette.stages.pipeline import Pipeline
     from palette.stages.ranker import CLIPScorer
-    from palette.stages.sampler import SamplingParams
 
     if not objects or set(objects) - {1, 2}:
         raise ValueError(f"objects must be 1, 2 or both, got {tuple(objects)}")
@@ -228,12 +238,8 @@ def evaluate(
         truth = np.stack([shapes.render(p.scene) for p in prompts])
         random_scores, top_scores, any_correct, picks = [], [], [], []
         for i, p in enumerate(prompts):
-            params = [SamplingParams(seed=seed * 1_000_003 + k_i * 100_000 + i * candidates + j, **scale)
-                      for j in range(candidates)]
-            items = pipeline.run(p.prompt, params, rank=True)
-            images = [np.asarray(it["image"].convert("RGB")) for it in items]
-            scores = np.asarray([float(it["score"]) for it in items])
-            order = np.argsort(-scores, kind="stable")
+            images, order = ranked_candidates(pipeline, p.prompt, [seed * 1_000_003 + k_i * 100_000 + i * candidates + j
+                                                                   for j in range(candidates)], scale)
             scores_each = [analyse.score(analyse.analyse(im), p.scene, p.mentioned) for im in images]
             random_scores.extend(scores_each)  # every candidate: the expected accuracy of a random pick
             top_scores.append(scores_each[int(order[0])])
