@@ -88,16 +88,17 @@ def _read(image: GeneratedImage) -> dict:
             "shapes": [o.shape for o in analysis.objects], "positions": [o.position for o in analysis.objects]}
 
 
+def _ranked_readings(client, prompt: str, n: int, seed: int) -> list[dict]:
+    """What the analyser reads in each of `n` served candidates, best CLIP score first."""
+    images = [e for e in client.generate(prompt, n, seed=seed, rank=True) if isinstance(e, GeneratedImage)]
+    assert len(images) == n
+    return [_read(image) for image in sorted(images, key=lambda im: -im.score)]
+
+
 @pytest.fixture(scope="module")
 def readings(client) -> dict[str, list[dict]]:
     """For each prompt, what the analyser reads in each served candidate (best CLIP score first)."""
-    out = {}
-    for prompt, *_ in PROMPTS:
-        images = [e for e in client.generate(prompt, len(SEEDS), seed=SEEDS[0], rank=True)
-                  if isinstance(e, GeneratedImage)]
-        assert len(images) == len(SEEDS)
-        out[prompt] = [_read(image) for image in sorted(images, key=lambda im: -im.score)]
-    return out
+    return {prompt: _ranked_readings(client, prompt, len(SEEDS), SEEDS[0]) for prompt, *_ in PROMPTS}
 
 
 @pytest.mark.parametrize("prompt,colour,background", [p[:3] for p in PROMPTS], ids=[p[1] for p in PROMPTS])
@@ -120,19 +121,17 @@ def test_most_candidates_draw_the_prompted_shape(readings):
     assert right >= 2 * len(PROMPTS) * len(SEEDS) // 3, json.dumps(readings, indent=1)
 
 
+OPEN_PROMPT_SEED = 40
+
+
 def test_a_prompt_that_leaves_attributes_open_gets_candidates_that_differ_there(client):
     """"a green circle" states a colour and a shape: CLIP's pick and most candidates keep those, and they spread
     over the backgrounds and places the prompt leaves free."""
-    images = [e for e in client.generate("a green circle", 8, seed=OPEN_PROMPT_SEED, rank=True)
-              if isinstance(e, GeneratedImage)]
-    readings = sorted((_read(image) for image in images), key=lambda r: -r["score"])
+    readings = _ranked_readings(client, "a green circle", 8, OPEN_PROMPT_SEED)
     right = [r for r in readings if r["colours"] == ["green"] and r["shapes"] == ["circle"]]
     assert readings[0] in right and len(right) >= len(readings) // 2, json.dumps(readings, indent=1)
     assert len({r["background"] for r in right}) >= 3, json.dumps(readings, indent=1)
     assert len({r["positions"][0] for r in right}) >= 2, json.dumps(readings, indent=1)
-
-
-OPEN_PROMPT_SEED = 40
 
 
 def test_eval_scores_the_shipped_set_on_eval_or_validation_prompts():
